@@ -1,0 +1,35 @@
+"""User-facing errors: every mistake a user can make raises one `DeltatuneError` subclass whose
+message says what went wrong and how to fix it. The CLI prints it on one line and exits 2."""
+from __future__ import annotations
+
+
+class DeltatuneError(Exception):
+    """Base class of every error caused by user input (config, data, paths, models)."""
+
+
+class ConfigError(DeltatuneError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class TargetNotFoundError(ConfigError):
+    """A method's target module pattern matched nothing (the message lists valid names)."""
+
+
+class DataError(DeltatuneError):
+    """A data file is missing, malformed (message names file and line), empty or lacks a column."""
+
+
+class ModelNotFoundError(DeltatuneError):
+    """A model name is neither a known model, a local folder, nor reachable on the hub."""
+
+
+class AdapterFormatError(DeltatuneError):
+    """An adapter folder is missing files, has unknown keys, or does not fit the model."""
+
+
+class MergeNotSupportedError(DeltatuneError):
+    """The method changes the computation in a way that cannot be folded into the weights."""
+
+
+class TrainingError(DeltatuneError):
+    """Training diverged (NaN/inf loss) or cannot proceed with the given settings."""

@@ -1,0 +1,65 @@
+"""Adapter files: `adapter_config.json` + `adapter_model.safetensors`, the layout and key names
+Hugging Face PEFT reads and writes. Methods PEFT has use its `peft_type`; methods it lacks write
+`DELTATUNE_<NAME>` and a `deltatune_method` key so `load_adapter` knows which method to apply."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from deltatune.errors import AdapterFormatError
+from deltatune.fileio import write_json, write_safetensors
+from deltatune.methods import PEFT_TYPE_TO_METHOD, apply, config_class
+from deltatune.methods.base import MethodConfig, MethodHandle
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_adapter(handle: MethodHandle, directory: str | Path,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Writes the adapter's config and weights into `directory`; returns the weights path."""
+    directory = Path(directory)
+    config = handle.config.adapter_config()
+    config["base_model_name_or_path"] = base_model_name_or_path
+    state = handle.state_dict()
+    if not state:
+        raise AdapterFormatError(
+            f"method '{handle.config.method_name}' produced no adapter weights to save; "
+            "check that its target modules matched the model"
+        )
+    write_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
+    write_json(directory / CONFIG_NAME, config)
+    return directory / WEIGHTS_NAME
+
+
+def read_adapter_config(directory: str | Path) -> MethodConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFormatError(f"no {CONFIG_NAME} in '{directory}'; pass the folder that "
+                                 "save_adapter or PEFT's save_pretrained wrote")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AdapterFormatError(f"{path} is not valid JSON ({error})") from error
+    method = raw.get("deltatune_method") or PEFT_TYPE_TO_METHOD.get(raw.get("peft_type", ""))
+    if method is None:
+        raise AdapterFormatError(
+            f"{path}: peft_type '{raw.get('peft_type')}' is not supported; supported: "
+            f"{sorted(PEFT_TYPE_TO_METHOD)} and deltatune's own methods"
+        )
+    return config_class(method).from_adapter_config(raw)
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> MethodHandle:
+    """Applies the saved method to `model` (in place) and loads its weights; returns the handle."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterFormatError(f"no {WEIGHTS_NAME} in '{directory}'")
+    handle = apply(model, config)
+    handle.load_state_dict(load_file(str(weights)))
+    return handle
