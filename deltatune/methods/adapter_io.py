@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 from torch import nn
@@ -19,9 +20,15 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def save_adapter(handle: MethodHandle, directory: str | Path,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Writes the adapter's config and weights into `directory`; returns the weights path."""
+                 base_model_name_or_path: str | None = None, tokenizer: Any = None) -> Path:
+    """Writes the adapter's config and weights into `directory`; returns the weights path.
+    Methods that change the vocabulary (`saves_tokenizer`) also write the tokenizer there."""
     directory = Path(directory)
+    if handle.config.saves_tokenizer:
+        if tokenizer is None:
+            raise AdapterFormatError(f"method '{handle.config.method_name}' adds tokens: pass "
+                                     "tokenizer= to save_adapter so they are saved with it")
+        tokenizer.save_pretrained(str(directory))
     config = handle.config.adapter_config()
     config["base_model_name_or_path"] = base_model_name_or_path
     state = handle.state_dict()

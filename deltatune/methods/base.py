@@ -48,6 +48,13 @@ class MethodConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    def prepare(self, tokenizer: Any) -> None:
+        """Called with the model's tokenizer before `apply`, for methods that need token ids
+        (prompt init from text) or change the vocabulary (textual inversion). Default: nothing."""
+
+    # True for methods that change the tokenizer: save_adapter then writes the tokenizer too.
+    saves_tokenizer: ClassVar[bool] = False
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "MethodConfig":
         """Builds the config from CLI/YAML options, rejecting unknown names with the valid ones."""
