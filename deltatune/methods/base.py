@@ -52,6 +52,10 @@ class MethodConfig:
         """Called with the model's tokenizer before `apply`, for methods that need token ids
         (prompt init from text) or change the vocabulary (textual inversion). Default: nothing."""
 
+    # False for methods whose virtual tokens sit at the start of each row (prompt/prefix
+    # tuning): several examples packed into one row would share them.
+    supports_packing: ClassVar[bool] = True
+
     # True for methods that change the tokenizer: save_adapter then writes the tokenizer too.
     saves_tokenizer: ClassVar[bool] = False
 

@@ -1,0 +1,286 @@
+"""The `deltatune` command: train, eval, generate, models.
+
+Every subcommand has its own --help. User mistakes print one line `error: ...` with the fix and
+exit with code 2; nothing is left half-written (see deltatune.fileio)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from deltatune.errors import ConfigError, DeltatuneError
+
+EXIT_USER_ERROR = 2
+
+# flag destination -> dotted path inside RunSpec; flags override the YAML file.
+_TRAIN_FLAGS: dict[str, str] = {
+    "model": "model", "task": "task", "method": "method", "seed": "seed",
+    "output_dir": "output_dir",
+    "train": "data.train", "eval": "data.eval", "builtin": "data.builtin",
+    "builtin_train_size": "data.builtin_train_size", "builtin_eval_size": "data.builtin_eval_size",
+    "template": "data.template", "max_length": "data.max_length",
+    "eval_fraction": "data.eval_fraction", "train_limit": "data.train_limit",
+    "eval_limit": "data.eval_limit",
+    "lr": "train.learning_rate", "weight_decay": "train.weight_decay",
+    "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
+    "grad_accum": "train.gradient_accumulation", "grad_clip": "train.grad_clip",
+    "schedule": "train.schedule", "warmup_ratio": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_steps", "eval_every": "train.eval_every",
+    "log_every": "train.log_every", "early_stopping_patience": "train.early_stopping_patience",
+    "metric_for_best": "train.metric_for_best",
+    "eval_batch_size": "eval.batch_size", "max_new_tokens": "eval.max_new_tokens",
+    "metric": "eval.metric",
+}
+
+
+def _key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """Parses KEY=VALUE pairs; values are read as YAML (numbers, booleans, lists)."""
+    result: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got '{pair}'")
+        parsed = yaml.safe_load(value) if value else ""
+        if isinstance(parsed, str) and "," in parsed and not value.startswith(("'", '"')):
+            parsed = [part.strip() for part in parsed.split(",") if part.strip()]
+        result[key.strip()] = parsed
+    return result
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return loaded
+
+
+def build_train_spec(args: argparse.Namespace):
+    from deltatune.spec import parse_run_spec
+
+    raw = _read_yaml(args.config)
+    for flag, dotted in _TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    options = _key_values(args.option, "--option")
+    if options:
+        raw.setdefault("method_options", {}).update(options)
+    for flag, dotted in (("column", "data.columns"), ("placeholder", "data.placeholders")):
+        pairs = _key_values(getattr(args, flag), f"--{flag}")
+        if pairs:
+            _set_dotted(raw, dotted, {**raw.get("data", {}).get(dotted.split(".")[1], {}),
+                                      **{k: str(v) for k, v in pairs.items()}})
+    if args.label_names:
+        _set_dotted(raw, "data.label_names", [n.strip() for n in args.label_names.split(",")])
+    if args.no_packing:
+        _set_dotted(raw, "train.packing", False)
+    if args.no_baseline:
+        _set_dotted(raw, "eval.baseline", False)
+    if args.no_progress:
+        raw["progress"] = False
+    return parse_run_spec(raw)
+
+
+# -- subcommands -------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deltatune.pipeline import run_training
+
+    summary = run_training(build_train_spec(args))
+    print(json.dumps({k: summary[k] for k in ("baseline_metrics", "final_metrics",
+                                              "trainable_parameters", "trainable_percent",
+                                              "train_tokens_per_second", "adapter_bytes")},
+                     indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deltatune.fileio import write_json
+    from deltatune.pipeline import evaluate_saved
+
+    metrics = evaluate_saved(args)
+    print(json.dumps(metrics, indent=2, default=str))
+    if args.output:
+        write_json(args.output, metrics)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deltatune.pipeline import generate_text
+
+    print(generate_text(args))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from deltatune.models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'name':<14} {'kind':<10} {'params':>8}  {'offline':<8} {'size':>9}  hub id")
+    for row in rows:
+        size = f"{row.get('size_bytes', 0) / 1e6:.1f} MB" if row.get("size_bytes") else "-"
+        print(f"{row['name']:<14} {row['kind']:<10} {row['params'] / 1e6:>7.1f}M  "
+              f"{'yes' if row['available_offline'] else 'no':<8} {size:>9}  {row['hub_id']}")
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune a model with a method and write a run directory",
+        description="Fine-tune a model with an adaptation method. With no arguments: LoRA on "
+        "the packaged SmolLM2-135M-Instruct, learning the built-in 'dates' task (normalise "
+        "dates to ISO 8601), with exact match before and after. Flags override --config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML run config (see examples/); flags override it")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", help="known name (see `deltatune models`), local folder or hub id")
+    g.add_argument("--task", choices=["causal-lm", "classification", "text"],
+                   help="causal-lm: instruction tuning; text: plain LM adaptation")
+    g.add_argument("--method", help="adaptation method: lora, full, freeze, adapter, prefix, "
+                   "prompt, ptuning, ia3, textual-inversion, hyperlora")
+    g.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable: -o r=16 -o targets=q_proj,v_proj")
+    g = p.add_argument_group("data")
+    g.add_argument("--train", help="training file (.json/.jsonl/.csv/.tsv/.txt) or hf:NAME")
+    g.add_argument("--eval", help="evaluation file; without it a split of --train is used")
+    g.add_argument("--builtin", help="built-in generated task (e.g. dates)")
+    g.add_argument("--builtin-train-size", type=int)
+    g.add_argument("--builtin-eval-size", type=int)
+    g.add_argument("--column", action="append", metavar="OURS=THEIRS",
+                   help="map a column, e.g. --column text=sentence --column label=label")
+    g.add_argument("--label-names", help="comma-separated class names, in label-id order")
+    g.add_argument("--placeholder", action="append", metavar="KEY=VALUE",
+                   help="fill {{KEY}} in the data, e.g. --placeholder name=Ada")
+    g.add_argument("--template", choices=["alpaca", "chat", "none"])
+    g.add_argument("--max-length", type=int, help="tokens per example (longer are truncated)")
+    g.add_argument("--eval-fraction", type=float, help="held-out share when no --eval file")
+    g.add_argument("--train-limit", type=int, help="use only the first N training rows")
+    g.add_argument("--eval-limit", type=int, help="use only the first N evaluation rows")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    g.add_argument("--batch-size", type=int, help="examples (or packed rows) per micro-batch")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
+    g.add_argument("--warmup-ratio", type=float)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--no-packing", action="store_true",
+                   help="pad each batch instead of packing several examples per row")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps")
+    g.add_argument("--early-stopping-patience", type=int,
+                   help="stop after N evaluations without improvement (needs --eval-every)")
+    g.add_argument("--metric-for-best", help="eval metric early stopping watches")
+    g.add_argument("--metric", choices=["auto", "exact_match", "perplexity", "accuracy"])
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--max-new-tokens", type=int, help="generation length for exact match")
+    g.add_argument("--no-baseline", action="store_true", help="skip evaluating before training")
+    g.add_argument("--log-every", type=int, help="write metrics.jsonl every N steps")
+    g.add_argument("--seed", type=int, help="drives data order, initialisation and dropout")
+    g.add_argument("--output-dir", help="run directory (default runs/<time>-<model>-<method>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_train)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a base model or a trained run on a dataset",
+        description="Evaluate a base model (--model) or a run directory (--run, loads its "
+        "adapter) on a dataset. Without --data, a run is evaluated on its own eval split.")
+    p.add_argument("--model", help="base model name, folder or hub id")
+    p.add_argument("--run", help="run directory written by `deltatune train`")
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json + safetensors)")
+    p.add_argument("--data", help="evaluation file; default: the run's evaluation data")
+    p.add_argument("--task", choices=["causal-lm", "classification", "text"])
+    p.add_argument("--column", action="append", metavar="OURS=THEIRS")
+    p.add_argument("--template", choices=["alpaca", "chat", "none"])
+    p.add_argument("--metric", choices=["auto", "exact_match", "perplexity", "accuracy"])
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_eval)
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a base model plus an optional adapter",
+        description="Generate a reply to a prompt. With a chat model the prompt is wrapped in "
+        "the tokenizer's chat template (disable with --no-chat).")
+    p.add_argument("prompt", help="the user message or raw prompt")
+    p.add_argument("--model", help="base model (default: the run's model, else smollm2-135m)")
+    p.add_argument("--run", help="run directory (its adapter is loaded)")
+    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--template", choices=["chat", "alpaca", "none"],
+                   help="prompt format (default: chat when the tokenizer has a chat template)")
+    p.add_argument("--no-chat", action="store_true", help="same as --template none")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_generate)
+
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list known models and whether they are available offline",
+                       description="List the models deltatune knows by name, whether each is "
+                       "available offline on this machine, its size and its hub id.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltatune",
+        description="Fine-tune pre-trained models with the right method and measure every "
+        "choice: quality, trainable parameters, memory, time, bytes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
+    _add_models_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except DeltatuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
