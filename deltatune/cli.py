@@ -84,10 +84,11 @@ def build_train_spec(args: argparse.Namespace):
     options = _key_values(args.option, "--option")
     if options:
         raw.setdefault("method_options", {}).update(options)
-    for flag, dotted in (("column", "data.columns"), ("placeholder", "data.placeholders")):
+    for flag, dotted in (("column", "data.columns"), ("eval_column", "data.eval_columns"),
+                         ("placeholder", "data.placeholders")):
         pairs = _key_values(getattr(args, flag), f"--{flag}")
         if pairs:
-            _set_dotted(raw, dotted, {**raw.get("data", {}).get(dotted.split(".")[1], {}),
+            _set_dotted(raw, dotted, {**(raw.get("data", {}).get(dotted.split(".")[1]) or {}),
                                       **{k: str(v) for k, v in pairs.items()}})
     if args.label_names:
         _set_dotted(raw, "data.label_names", [n.strip() for n in args.label_names.split(",")])
@@ -172,6 +173,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--builtin-eval-size", type=int)
     g.add_argument("--column", action="append", metavar="OURS=THEIRS",
                    help="map a column, e.g. --column text=sentence --column label=label")
+    g.add_argument("--eval-column", action="append", metavar="OURS=THEIRS",
+                   help="map a column of the --eval file when it differs, e.g. text=content")
     g.add_argument("--label-names", help="comma-separated class names, in label-id order")
     g.add_argument("--placeholder", action="append", metavar="KEY=VALUE",
                    help="fill {{KEY}} in the data, e.g. --placeholder name=Ada")

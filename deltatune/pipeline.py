@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import yaml
 
-from deltatune.data import DataConfig, build_datasets
+from deltatune.data import (DataConfig, build_datasets, read_records, require_fields,
+                            resolve_label_names)
 from deltatune.data.collate import iterate_batches, pad_batch
 from deltatune.errors import ConfigError
 from deltatune.eval.evaluate import (evaluate_classification, evaluate_exact_match,
@@ -56,12 +57,20 @@ def data_config(spec: RunSpec) -> DataConfig:
             raise ConfigError(f"task '{spec.task}' needs training data: pass --train PATH")
         builtin = "dates"
     return DataConfig(train=data.train, eval=data.eval, builtin=builtin, columns=dict(data.columns),
+                      eval_columns=dict(data.eval_columns) if data.eval_columns else None,
                       template=data.template, max_length=data.max_length,
                       eval_fraction=data.eval_fraction, train_limit=data.train_limit,
                       eval_limit=data.eval_limit, seed=spec.seed, task=spec.task,
                       label_names=data.label_names, placeholders=dict(data.placeholders),
                       builtin_train_size=data.builtin_train_size,
                       builtin_eval_size=data.builtin_eval_size)
+
+
+def discover_label_names(config: DataConfig) -> list[str]:
+    """Class names from the training file (the model's new head needs their count up front)."""
+    records = read_records(config.train, config.columns)
+    require_fields(records, ["label"], config.train, " (map it with --column label=NAME)")
+    return resolve_label_names([r["label"] for r in records], config.label_names)
 
 
 def method_config(spec: RunSpec, model: torch.nn.Module) -> MethodConfig:
@@ -113,8 +122,9 @@ def batch_source(spec: RunSpec, handle: MethodHandle, examples: list[dict],
     if spec.task != "classification" and spec.train.packing and handle.config.supports_packing:
         from deltatune.data.packing import packed_batches
 
-        return lambda epoch: packed_batches(examples, size, spec.data.max_length,
-                                            spec.seed, epoch, pad_token_id)
+        # Same examples per step as padded batching, all in one row: no padding computed.
+        return lambda epoch: packed_batches(examples, spec.seed, epoch, pad_token_id,
+                                            batch_size=size)
     return lambda epoch: (pad_batch(chunk, pad_token_id)
                           for chunk in iterate_batches(examples, size, spec.seed, epoch))
 
@@ -150,7 +160,6 @@ def prepare_job(spec: RunSpec) -> TrainingJob:
     dataset_config = data_config(spec)
     label_names = None
     if spec.task == "classification":
-        from deltatune.data import discover_label_names
         label_names = discover_label_names(dataset_config)
     task = "classification" if spec.task == "classification" else "causal-lm"
     say(f"loading model {spec.model} ({task})")

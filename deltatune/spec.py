@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deltatune.errors import ConfigError
+from deltatune.methods import make_config
 
 
 class _Strict(BaseModel):
@@ -20,6 +21,8 @@ class DataSpec(_Strict):
     builtin_train_size: int = 1000
     builtin_eval_size: int = 100
     columns: dict[str, str] = Field(default_factory=dict)
+    # Column mapping of the eval file when it names columns differently (default: `columns`).
+    eval_columns: dict[str, str] | None = None
     template: Literal["alpaca", "chat", "none"] = "chat"
     max_length: int = Field(256, ge=8)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -72,9 +75,12 @@ class RunSpec(_Strict):
 def parse_run_spec(raw: dict[str, Any]) -> RunSpec:
     """Validates a merged YAML+flags dict; errors become one ConfigError line naming the field."""
     try:
-        return RunSpec.model_validate(raw)
+        spec = RunSpec.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"config field '{where}': {first['msg']} "
                           f"(got {first.get('input')!r})") from None
+    # Fail on a wrong method name or option now, not after loading the model.
+    make_config(spec.method, spec.method_options)
+    return spec

@@ -13,6 +13,7 @@ generation from the prompt would see) and the fallback is counted.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,14 @@ def encode_instruction(record: dict, tokenizer: Any, template: str,
     text). Truncation keeps the start; labels may then be all -100 (see `has_loss`)."""
     example, _ = _encode(record, tokenizer, template, max_length)
     return example
+
+
+def render_prompt(prompt: str, tokenizer: Any, template: str,
+                  system: str | None = None) -> list[int]:
+    """Generation prompt ids for one user message, exactly as training encodes the prompt of an
+    instruction record (`system` is used by the chat template only)."""
+    record = {"instruction": prompt, "output": "", **({"system": system} if system else {})}
+    return encode_instruction(record, tokenizer, template, max_length=sys.maxsize)["prompt_ids"]
 
 
 def has_loss(example: dict) -> bool:

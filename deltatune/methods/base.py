@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
-from deltatune.errors import ConfigError, MergeNotSupportedError, TargetNotFoundError
+from deltatune.errors import (AdapterFormatError, ConfigError, MergeNotSupportedError,
+                              TargetNotFoundError)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -131,6 +132,14 @@ class MethodHandle:
     def unmerge(self) -> None:
         self.merge()
 
+    # -- summary ----------------------------------------------------------------------------
+    def describe(self) -> str:
+        """What trains, for the CLI to print: counts, then one line per trained module."""
+        counts = self.parameter_counts()
+        head = (f"{self.config.method_name}: {counts.trainable:,} of {counts.total:,} parameters "
+                f"train ({counts.trainable_percent:.2f}%)")
+        return "\n".join([head, *("  " + line for line in describe_trainable(self.model))])
+
 
 # -- helpers for methods ---------------------------------------------------------------------
 
@@ -243,3 +252,125 @@ def load_modules_to_save_state(model: nn.Module, module_names: Iterable[str],
             key = peft_key(name, param_name)
             if key in state:
                 tensor.copy_(state[key])
+
+
+# -- layer structure (shared by methods that treat blocks differently) -----------------------
+
+# The repeated-block list of a transformer is a ModuleList named like these (`model.layers`,
+# `encoder.layer`, GPT-2's `h`, ViT/timm `blocks`).
+_BLOCK_LIST_NAME = re.compile(r"(^|\.)(layers?|blocks?|h)$")
+
+
+@dataclass
+class BlockStack:
+    """The model's stack of repeated transformer blocks: block i is `<name>.<i>`."""
+
+    name: str
+    blocks: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def index_of(self, qualified_name: str) -> int | None:
+        """Block index of a module or parameter name inside the stack, else None."""
+        prefix = f"{self.name}."
+        if not qualified_name.startswith(prefix):
+            return None
+        head = qualified_name[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+
+def find_blocks(model: nn.Module, block_module: str | None = None) -> BlockStack | None:
+    """The ModuleList of transformer blocks: `block_module` if given, else the list with most
+    children among those named like `...layers`/`...layer`/`...h`/`...blocks`. None if absent."""
+    if block_module:
+        try:
+            module = model.get_submodule(block_module)
+        except AttributeError:
+            raise TargetNotFoundError(
+                f"block_module '{block_module}' is not a module of this model; module lists: "
+                f"{[n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]}"
+            ) from None
+        if not isinstance(module, nn.ModuleList):
+            raise ConfigError(f"block_module '{block_module}' is a {type(module).__name__}, not "
+                              "an nn.ModuleList of blocks; name the list that holds the layers")
+        return BlockStack(block_module, module)
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) and _BLOCK_LIST_NAME.search(n)]
+    if not candidates:
+        return None
+    name, module = max(candidates, key=lambda item: len(item[1]))
+    return BlockStack(name, module)
+
+
+def parameter_depths(model: nn.Module, stack: BlockStack) -> dict[str, int]:
+    """Depth of every parameter: 0 for the embeddings (whatever comes before the first block, and
+    any nn.Embedding), i+1 inside block i, L+1 above the last block (final norm, heads)."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                     for p in m.parameters(recurse=False)}
+    depths: dict[str, int] = {}
+    seen_block = False
+    for name, parameter in model.named_parameters():
+        index = stack.index_of(name)
+        if index is not None:
+            depths[name] = index + 1
+            seen_block = True
+        elif not seen_block or id(parameter) in embedding_ids:
+            depths[name] = 0
+        else:
+            depths[name] = len(stack) + 1
+    return depths
+
+
+def is_no_decay(name: str, parameter: torch.Tensor) -> bool:
+    """Biases and norm weights (every 1-D tensor) get no weight decay, the standard recipe."""
+    return parameter.ndim < 2 or name.endswith("bias")
+
+
+def describe_trainable(model: nn.Module) -> list[str]:
+    """Lines naming what trains: each largest fully trainable module once, plus the trainable
+    parameters of partly trainable modules, with parameter counts."""
+    lines: list[str] = []
+    seen: set[int] = set()
+
+    def line(name: str, parameters: list[nn.Parameter]) -> str:
+        fresh = [p for p in parameters if id(p) not in seen]
+        seen.update(id(p) for p in parameters)
+        if not fresh:
+            return f"{name}  (tied: shares its weights with a module listed above)"
+        return f"{name}  ({sum(p.numel() for p in fresh):,})"
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        parameters = list(module.parameters())
+        if parameters and all(p.requires_grad for p in parameters):
+            lines.append(line(prefix or "<model>", parameters))
+            return
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad:
+                lines.append(line(f"{prefix + '.' if prefix else ''}{name}", [parameter]))
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return lines
+
+
+# -- loading adapter weights -----------------------------------------------------------------
+
+def check_adapter_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                       method_name: str) -> None:
+    """Raises `AdapterFormatError` unless `state` has every expected key with the same shape."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterFormatError(
+            f"{method_name}: adapter weights do not fit this model: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}; load it on the base model it was "
+            "trained on, with the same target modules"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise AdapterFormatError(
+                f"{method_name}: '{key}' has shape {tuple(state[key].shape)} in the file but "
+                f"{tuple(tensor.shape)} in the model; it was trained on another model size")

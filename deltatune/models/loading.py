@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedModel)
+                          AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
 from deltatune.errors import ConfigError, ModelNotFoundError
 from deltatune.fileio import write_json, write_safetensors
@@ -40,7 +40,7 @@ class LoadedModel:
     """A model ready for a task plus its tokenizer. `source` is where the weights were read from:
     a folder, a .gguf file, or a hub id."""
     model: PreTrainedModel
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     name: str
     source: str
     task: str
@@ -128,7 +128,7 @@ def _load_hub(hub_id: str, name: str, task: str, head_kwargs: dict[str, Any],
     try:
         model, tokenizer = _from_pretrained(hub_id, task, head_kwargs, dtype,
                                             local_files_only=not online)
-    except (OSError, ValueError) as error:
+    except OSError as error:  # huggingface_hub's errors are OSErrors too
         where = ("the Hugging Face hub does not have it or refused access" if online else
                  "the Hugging Face hub is unreachable (offline) and the local HF cache has no copy")
         fix = offline_fix or ("check the spelling, pass a local folder, or download it on a "
@@ -152,21 +152,39 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any],
                      dtype: torch.dtype, gguf_file: str | None = None,
-                     local_files_only: bool = False) -> tuple[PreTrainedModel, Any]:
+                     local_files_only: bool = False
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     common: dict[str, Any] = {"local_files_only": local_files_only}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(location, **common)
-    model_class = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **common)
+    except ValueError as error:  # transformers' way of saying "no tokenizer files here"
+        raise ModelNotFoundError(f"no usable tokenizer at {location} ({_first_line(error)}); "
+                                 "save one next to the weights with "
+                                 "tokenizer.save_pretrained(folder)") from None
+    model_class = (AutoModelForCausalLM if task == "causal-lm"
+                   else AutoModelForSequenceClassification)
     extra = dict(head_kwargs)
     if head_kwargs:
-        extra["ignore_mismatched_sizes"] = True  # a new head replaces a fine-tuned one of other size
-    model = model_class.from_pretrained(location, dtype=dtype, attn_implementation="sdpa",
-                                        **common, **extra)
+        extra["ignore_mismatched_sizes"] = True  # a new head replaces a trained one of other size
+    try:
+        model = model_class.from_pretrained(location, dtype=dtype, attn_implementation="sdpa",
+                                            **common, **extra)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        raise ConfigError(f"{location} has no {task} model class in transformers "
+                          f"({_first_line(error)}); choose the other task or another "
+                          "model") from None
     return model, tokenizer
 
 
-def _finish(model: PreTrainedModel, tokenizer: Any, name: str, source: str,
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, source: str,
             task: str) -> LoadedModel:
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
@@ -180,7 +198,7 @@ def _finish(model: PreTrainedModel, tokenizer: Any, name: str, source: str,
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, task=task)
 
 
-def ensure_pad_token(tokenizer: Any) -> None:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Gives the tokenizer a pad token, preferring an existing non-eos token (no new embedding)."""
     eos = tokenizer.eos_token
     if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
@@ -222,7 +240,7 @@ def _cache_matches(folder: Path, gguf_path: Path) -> bool:
             and meta.get("source_bytes") == gguf_path.stat().st_size)
 
 
-def write_model_folder(model: PreTrainedModel, tokenizer: Any, target: Path,
+def write_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
                        meta: dict[str, Any] | None = None) -> None:
     """Writes a folder that `from_pretrained` reads (config, safetensors weights, tokenizer,
     generation config) without `save_pretrained`, which refuses GGUF-loaded models. The folder is
@@ -287,11 +305,9 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 def _make_readable(folder: Path) -> None:
     """Temporary files and folders are created owner-only; a cache should have normal modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    folder.chmod(0o755)
     for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
+        file.chmod(0o644)
 
 
 def _is_complete(folder: Path) -> bool:

@@ -1,0 +1,364 @@
+"""Training speed and memory: deltatune against transformers + PEFT, side by side.
+
+One command runs every side in its own subprocess (so each side's peak RSS is its own), in
+alternating order A/B/A/B over `--repeats` rounds (so machine drift hits every side alike), on
+the same model, LoRA settings, initial LoRA weights, optimizer, learning rate, seed, batches and
+real tokens. Sides:
+
+  peer          transformers + PEFT as their docs show: get_peft_model(LoraConfig(...)), AdamW,
+                per-batch padding (DataCollatorForSeq2Seq), SDPA, model(**batch).loss
+  peer-flat     the same with transformers' padding-free collator (DataCollatorWithFlattening,
+                position_ids, no attention mask; use_cache=False or transformers skips its
+                packed-sequence mask)
+  deltatune     deltatune LoRA + packing (one row per batch) + packed attention + chunked CE
+  dt-*          ablations of deltatune, one technique off or on (see VARIANTS)
+
+Workloads (smollm2-135m, fp32, CPU): "fixed" = batches of 4 x 256 random tokens, loss on every
+token; "alpaca" = the Alpaca demo data, Alpaca template, natural lengths up to 512, batches of 8
+examples, loss on responses only. Reports real (non-padding) tokens/s, peak RSS, MFU, the ratio
+to the peer, and the loss curves. Example:
+
+    python benchmarks/train_speed.py --workload all --steps 12 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "smollm2-135m"
+ALPACA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA, LEARNING_RATE, SEED = 16, 32, 2e-4, 0
+# DESIGN.md's measured fp32 matmul peak of this machine class (2 threads) and FLOPs per real
+# token of LoRA training: forward 2N + backward to the activations 2N (frozen base weights get no
+# weight gradient), N = 134.5M parameters counting the tied head once; LoRA and attention extra.
+PEAK_FLOPS = 160e9
+FLOPS_PER_TOKEN = 4 * 134.5e6
+WORKLOADS = {"fixed": {"batch": 4, "length": 256}, "alpaca": {"batch": 8, "max_length": 512}}
+
+
+@dataclass
+class Variant:
+    """How a side trains. `packing`: None (per-batch padding), "flat" (one row per batch) or
+    "rows" (rows of the workload's max length)."""
+    library: str  # "peft" or "deltatune"
+    packing: str | None = None
+    packed_attention: bool = False
+    chunked_loss: bool = False
+    checkpointing: bool = False
+    compile: bool = False
+    flatten_collator: bool = False
+
+
+VARIANTS = {
+    "peer": Variant("peft"),
+    "peer-flat": Variant("peft", flatten_collator=True),
+    "deltatune": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True),
+    "dt-padded": Variant("deltatune", packing=None, chunked_loss=True),
+    "dt-full-logits": Variant("deltatune", packing="flat", packed_attention=True),
+    "dt-hf-mask": Variant("deltatune", packing="flat", chunked_loss=True),
+    "dt-rows": Variant("deltatune", packing="rows", packed_attention=True, chunked_loss=True),
+    "dt-plain": Variant("deltatune"),
+    "dt-checkpointing": Variant("deltatune", packing="flat", packed_attention=True,
+                                chunked_loss=True, checkpointing=True),
+    "dt-compile": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True,
+                          compile=True),
+}
+
+
+@dataclass
+class SideResult:
+    side: str
+    workload: str
+    step_seconds: list[float]
+    losses: list[float]
+    real_tokens: list[int]
+    computed_tokens: list[int]
+    peak_rss_bytes: int
+    setup_rss_bytes: int
+    threads: int
+    extra: dict = field(default_factory=dict)
+
+    def tokens_per_second(self, warmup: int) -> float:
+        return sum(self.real_tokens[warmup:]) / sum(self.step_seconds[warmup:])
+
+
+# -- one side, in its own process ------------------------------------------------------------
+
+def run_side(side: str, workload: str, steps: int, threads: int | None) -> SideResult:
+    import torch
+
+    from deltatune.eval.memory import peak_rss_bytes
+    from deltatune.train.speed import set_threads
+
+    threads = set_threads(threads)
+    variant = VARIANTS[side]
+    torch.manual_seed(SEED)
+    model, tokenizer, parameters, train_step = _build(variant)
+    _seeded_lora_init(model)
+    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
+    batches = _batches(workload, variant, tokenizer, steps)
+    setup_rss = _current_rss()
+    model.train()
+    result = SideResult(side, workload, [], [], [], [], 0, setup_rss, threads)
+    for batch, real, computed in batches:
+        started = time.perf_counter()
+        loss = train_step(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.step_seconds.append(time.perf_counter() - started)
+        result.losses.append(loss.item())
+        result.real_tokens.append(real)
+        result.computed_tokens.append(computed)
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _current_rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _build(variant: Variant):
+    if variant.library == "peft":
+        return _build_peer(variant)
+    return _build_deltatune(variant)
+
+
+def _build_peer(variant: Variant):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.models.registry import cache_dir
+
+    folder = cache_dir(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if variant.flatten_collator:
+        # Without a cache transformers derives the block-diagonal mask from position_ids; with
+        # the model's default use_cache=True it silently lets packed examples see each other.
+        return model, tokenizer, parameters, lambda m, b: m(**b, use_cache=False).loss
+    return model, tokenizer, parameters, lambda m, b: m(**b).loss
+
+
+def _build_deltatune(variant: Variant):
+    import deltatune
+    from deltatune.methods.lora import LoraConfig
+    from deltatune.models import load_model
+    from deltatune.train.objectives import CausalLMObjective
+    from deltatune.train.speed import SpeedOptions, apply_speed_options
+
+    loaded = load_model(MODEL)
+    handle = deltatune.apply(loaded.model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.0,
+                                                      targets=TARGETS))
+    apply_speed_options(loaded.model, SpeedOptions(
+        packed_attention=variant.packed_attention,
+        activation_checkpointing=variant.checkpointing, compile=variant.compile))
+    objective = CausalLMObjective(chunked=variant.chunked_loss)
+    return (loaded.model, loaded.tokenizer, handle.trainable_parameters(),
+            lambda m, b: objective(m, b).loss)
+
+
+def _seeded_lora_init(model) -> None:
+    """Both libraries draw LoRA A in different orders; give every lora_A the same values on both
+    sides (B is zero) so the loss curves are comparable step by step."""
+    import torch
+    for name, parameter in model.named_parameters():
+        if "lora_A" not in name:
+            continue
+        canonical = name.replace("base_model.model.", "").replace(".default", "")
+        generator = torch.Generator().manual_seed(SEED + zlib.crc32(canonical.encode()))
+        bound = (1.0 / parameter.shape[1]) ** 0.5  # kaiming_uniform(a=sqrt(5)), as both use
+        with torch.no_grad():
+            parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 * bound - bound)
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+def _batches(workload: str, variant: Variant, tokenizer, steps: int) -> list[tuple]:
+    """(batch, real tokens, computed tokens) per step; identical examples on every side."""
+    if workload == "fixed":
+        return [_fixed_batch(step, variant) for step in range(steps)]
+    return [_alpaca_batch(group, variant, tokenizer) for group in _alpaca_groups(tokenizer, steps)]
+
+
+def _fixed_batch(step: int, variant: Variant) -> tuple:
+    import torch
+    shape = (WORKLOADS["fixed"]["batch"], WORKLOADS["fixed"]["length"])
+    generator = torch.Generator().manual_seed(SEED * 7919 + step)
+    input_ids = torch.randint(0, 49152, shape, generator=generator)
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if variant.library == "peft":
+        batch["attention_mask"] = torch.ones_like(input_ids)  # what a tokenizer/collator gives
+    return batch, input_ids.numel(), input_ids.numel()
+
+
+def _alpaca_groups(tokenizer, steps: int) -> list[list[dict]]:
+    from deltatune.data import encode_instructions, iterate_batches
+    records = json.loads(ALPACA.read_text())
+    examples, _ = encode_instructions(records, tokenizer, "alpaca",
+                                      WORKLOADS["alpaca"]["max_length"])
+    groups: list[list[dict]] = []
+    epoch = 0
+    while len(groups) < steps:
+        groups.extend(iterate_batches(examples, WORKLOADS["alpaca"]["batch"], SEED, epoch,
+                                      drop_last=True))
+        epoch += 1
+    return groups[:steps]
+
+
+def _alpaca_batch(group: list[dict], variant: Variant, tokenizer) -> tuple:
+    real = sum(len(example["input_ids"]) for example in group)
+    features = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in group]
+    if variant.library == "peft":
+        batch = _peer_collate(features, variant, tokenizer)
+    elif variant.packing is None:
+        from deltatune.data import pad_batch
+        batch = pad_batch(features, tokenizer.pad_token_id)
+    else:
+        from deltatune.data.packing import collate_packed, pack_examples
+        row_length = WORKLOADS["alpaca"]["max_length"] if variant.packing == "rows" else None
+        batch = collate_packed(pack_examples(features, row_length), tokenizer.pad_token_id)
+    return batch, real, batch["input_ids"].numel()
+
+
+def _peer_collate(features: list[dict], variant: Variant, tokenizer) -> dict:
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    if variant.flatten_collator:
+        return dict(DataCollatorWithFlattening()(features))
+    return dict(DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(features))
+
+
+# -- orchestration ---------------------------------------------------------------------------
+
+def run_in_subprocess(side: str, workload: str, steps: int, threads: int | None) -> SideResult:
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "result.json"
+        command = [sys.executable, __file__, "--worker", side, "--workload", workload,
+                   "--steps", str(steps), "--result", str(output)]
+        if threads is not None:
+            command += ["--threads", str(threads)]
+        subprocess.run(command, check=True, cwd=ROOT)
+        return SideResult(**json.loads(output.read_text()))
+
+
+def summarise(results: list[SideResult], warmup: int) -> dict:
+    """Per workload and side: median tokens/s over repeats, max peak RSS, ratios to the peer."""
+    summary: dict = {}
+    for workload in dict.fromkeys(r.workload for r in results):
+        rows = {}
+        for side in dict.fromkeys(r.side for r in results if r.workload == workload):
+            runs = [r for r in results if r.workload == workload and r.side == side]
+            speeds = [r.tokens_per_second(warmup) for r in runs]
+            rows[side] = {
+                "real_tokens_per_s": statistics.median(speeds),
+                "real_tokens_per_s_runs": [round(s, 1) for s in speeds],
+                "peak_rss_gb": max(r.peak_rss_bytes for r in runs) / 1e9,
+                "setup_rss_gb": max(r.setup_rss_bytes for r in runs) / 1e9,
+                "padding_fraction": 1 - sum(runs[0].real_tokens) / sum(runs[0].computed_tokens),
+                "mfu_vs_160": statistics.median(speeds) * FLOPS_PER_TOKEN / PEAK_FLOPS,
+                "final_loss": runs[0].losses[-1],
+                "losses": [round(x, 4) for x in runs[0].losses],
+                "threads": runs[0].threads,
+            }
+        peer = rows.get("peer")
+        for side, row in rows.items():
+            if peer is not None:
+                row["speed_vs_peer"] = row["real_tokens_per_s"] / peer["real_tokens_per_s"]
+                row["memory_vs_peer"] = row["peak_rss_gb"] / peer["peak_rss_gb"]
+                row["max_loss_diff_vs_peer"] = max(
+                    abs(a - b) for a, b in zip(row["losses"], peer["losses"]))
+        summary[workload] = rows
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    header = (f"{'workload':8} {'side':17} {'real tok/s':>10} {'x peer':>7} {'peak RSS GB':>11} "
+              f"{'x peer':>7} {'pad %':>6} {'MFU%':>5} {'final loss':>10} {'max |dloss|':>11}")
+    print(header)
+    for workload, rows in summary.items():
+        for side, row in rows.items():
+            print(f"{workload:8} {side:17} {row['real_tokens_per_s']:10.1f} "
+                  f"{row.get('speed_vs_peer', float('nan')):7.2f} {row['peak_rss_gb']:11.2f} "
+                  f"{row.get('memory_vs_peer', float('nan')):7.2f} "
+                  f"{100 * row['padding_fraction']:6.1f} {100 * row['mfu_vs_160']:5.1f} "
+                  f"{row['final_loss']:10.4f} {row.get('max_loss_diff_vs_peer', 0.0):11.5f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--sides", default="peer,deltatune",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}; peer-flat is "
+                             "alpaca only")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per side run")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tok/s")
+    parser.add_argument("--repeats", type=int, default=2, help="A/B rounds")
+    parser.add_argument("--quick", action="store_true", help="3 steps, 1 warmup, 1 round")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = run_side(args.worker, args.workload, args.steps, args.threads)
+        args.result.write_text(json.dumps(asdict(result)))
+        return
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 3, 1, 1
+    _ensure_model_cache()
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    sides = args.sides.split(",")
+    results = []
+    for workload in workloads:
+        for repeat in range(args.repeats):
+            for side in sides:
+                if side == "peer-flat" and workload == "fixed":
+                    continue  # fixed-length batches have no padding to remove
+                result = run_in_subprocess(side, workload, args.steps, args.threads)
+                results.append(result)
+                print(f"[{workload} round {repeat + 1}] {side}: "
+                      f"{result.tokens_per_second(args.warmup):.1f} real tok/s, peak RSS "
+                      f"{result.peak_rss_bytes / 1e9:.2f} GB, loss {result.losses[-1]:.4f}",
+                      flush=True)
+    summary = summarise(results, args.warmup)
+    summary["conditions"] = _conditions(args)
+    print_table({k: v for k, v in summary.items() if k != "conditions"})
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+def _ensure_model_cache() -> None:
+    from deltatune.models.registry import is_cached
+    if not is_cached(MODEL):
+        subprocess.run([sys.executable, "-c", f"from deltatune.models import load_model; "
+                        f"load_model({MODEL!r})"], check=True, cwd=ROOT)
+
+
+def _conditions(args) -> dict:
+    return {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "threads": args.threads, "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "flops_per_token": FLOPS_PER_TOKEN, "peak_flops": PEAK_FLOPS}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The one entry point from config to training data: `build_datasets(DataConfig, tokenizer)`
+reads the records (files, a Hugging Face dataset or a built-in task), splits off an evaluation
+set when no eval file is given, applies limits, encodes them for the task and describes the
+result in `info` (counts, drops, lengths, share of tokens with loss, label names).
+
+Splitting and limiting are deterministic from `seed`: the split shuffles record indices with
+`random.Random(seed)` (per label for classification, so rare classes land in both sets) and a
+limit keeps the first N records (use `sample_records` for a seeded random subset).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltatune.data.builtin import BUILTIN_TASKS, builtin_task
+from deltatune.data.classification import encode_classification_records, resolve_label_names
+from deltatune.data.readers import read_records, require_fields
+from deltatune.data.templates import (IGNORE_INDEX, TEMPLATES, count_unfilled_placeholders,
+                                      encode_instructions, fill_placeholders)
+from deltatune.data.text import build_text_blocks
+from deltatune.errors import ConfigError, DataError
+
+TASKS = ("causal-lm", "classification", "text")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes examples.
+
+    `columns` maps canonical names (text, text_pair, label, instruction, input, output,
+    messages) to the source's column names; `eval_columns` does the same for the eval file and
+    defaults to `columns` (SST-2's dev file names its text `content`, its train file `sentence`).
+    `template` applies to causal-lm instruction data. `placeholders` fills `{{name}}`-style
+    fields (identity data). Limits keep the first N records."""
+
+    train: str | None = None
+    eval: str | None = None
+    builtin: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    eval_columns: dict[str, str] | None = None
+    template: str = "alpaca"
+    max_length: int = 512
+    eval_fraction: float = 0.1
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    seed: int = 0
+    task: str = "causal-lm"
+    label_names: list[str] | None = None
+    builtin_train_size: int = 1000
+    builtin_eval_size: int = 100
+    placeholders: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Datasets:
+    train: list[dict]
+    eval: list[dict]
+    info: dict[str, Any]
+
+
+def build_datasets(config: DataConfig, tokenizer: Any, task: str | None = None) -> Datasets:
+    """Train and eval examples for `task` (default `config.task`) plus `info`."""
+    task = task or config.task
+    _validate(config, task)
+    train_records, eval_records, sources = _load_records(config, task)
+    if config.placeholders:
+        train_records = fill_placeholders(train_records, config.placeholders)
+        eval_records = fill_placeholders(eval_records, config.placeholders)
+    info: dict[str, Any] = {"task": task, "max_length": config.max_length, **sources,
+                            "train_records": len(train_records),
+                            "eval_records": len(eval_records)}
+    if task == "causal-lm":
+        train, eval_examples = _encode_instruction_splits(train_records, eval_records, config,
+                                                          tokenizer, sources, info)
+    elif task == "classification":
+        train, eval_examples = _encode_classification_splits(train_records, eval_records,
+                                                             config, tokenizer, sources, info)
+    else:
+        train, eval_examples = _encode_text_splits(train_records, eval_records, config,
+                                                   tokenizer, sources)
+    if not train:
+        raise DataError(f"no training examples are left from {sources['train_source']} after "
+                        f"encoding with max_length={config.max_length}; raise max_length")
+    for name, examples in (("train", train), ("eval", eval_examples)):
+        info.update(_describe(name, examples))
+    return Datasets(train, eval_examples, info)
+
+
+def discover_label_names(config: DataConfig) -> list[str]:
+    """The class names `build_datasets` will report for a classification config, known before
+    the model (and its head size) is loaded: `config.label_names`, else derived from the
+    training records after the same split and limits."""
+    if config.label_names:
+        return resolve_label_names([], config.label_names)
+    _validate(config, "classification")
+    train_records, _, sources = _load_records(config, "classification")
+    require_fields(train_records, ["label"], sources["train_source"])
+    return resolve_label_names([record["label"] for record in train_records])
+
+
+def _validate(config: DataConfig, task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if config.template not in TEMPLATES:
+        raise ConfigError(f"unknown template {config.template!r}; choose one of "
+                          f"{', '.join(TEMPLATES)}")
+    if (config.train is None) == (config.builtin is None):
+        raise ConfigError("give exactly one of data.train (a file or hf:NAME) and data.builtin "
+                          f"(one of {', '.join(sorted(BUILTIN_TASKS))})")
+    if config.builtin is not None and task != "causal-lm":
+        raise ConfigError(f"built-in task {config.builtin!r} is instruction data; use it with "
+                          "task causal-lm")
+    if not 0 <= config.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    if config.max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {config.max_length}")
+    for name in ("train_limit", "eval_limit"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive number of records, got {value}")
+
+
+def _load_records(config: DataConfig, task: str) -> tuple[list[dict], list[dict], dict]:
+    if config.builtin is not None:
+        train, eval_records = builtin_task(config.builtin, config.seed,
+                                           config.builtin_train_size, config.builtin_eval_size)
+        sources = {"train_source": f"builtin:{config.builtin}",
+                   "eval_source": f"builtin:{config.builtin}"}
+        if config.eval is not None:
+            eval_records = read_records(config.eval, _eval_columns(config))
+            sources["eval_source"] = config.eval
+    else:
+        train = read_records(config.train, config.columns)
+        sources = {"train_source": config.train}
+        if config.eval is not None:
+            eval_records = read_records(config.eval, _eval_columns(config))
+            sources["eval_source"] = config.eval
+        else:
+            stratify = "label" if task == "classification" else None
+            train, eval_records = split_records(train, config.eval_fraction, config.seed,
+                                                stratify)
+            sources["eval_source"] = f"{config.eval_fraction:g} of {config.train}"
+    # Limits take the first rows, as papers and the CLI help state ("the first 4,000 sentences");
+    # `sample_records` is there for a random subset instead.
+    train = train[:config.train_limit] if config.train_limit else train
+    eval_records = eval_records[:config.eval_limit] if config.eval_limit else eval_records
+    return train, eval_records, sources
+
+
+def _eval_columns(config: DataConfig) -> dict[str, str]:
+    return config.columns if config.eval_columns is None else config.eval_columns
+
+
+def split_records(records: list[dict], eval_fraction: float, seed: int,
+                  stratify: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, eval) by a seeded shuffle of indices; both keep file order. With `stratify`,
+    each value of that field is split on its own."""
+    if eval_fraction <= 0:
+        return list(records), []
+    groups: dict[Any, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(str(record.get(stratify)) if stratify else None, []).append(index)
+    rng = random.Random(seed)
+    eval_indices: set[int] = set()
+    for key in sorted(groups, key=str):
+        indices = groups[key]
+        rng.shuffle(indices)
+        count = round(len(indices) * eval_fraction)
+        # Small groups: keep at least one example on each side when there are two or more.
+        count = min(max(count, 1), len(indices) - 1) if len(indices) >= 2 else 0
+        eval_indices.update(indices[:count])
+    train = [record for index, record in enumerate(records) if index not in eval_indices]
+    eval_records = [record for index, record in enumerate(records) if index in eval_indices]
+    return train, eval_records
+
+
+def sample_records(records: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """At most `limit` records: a seeded random subset kept in the original order."""
+    if limit is None or limit >= len(records):
+        return records
+    keep = set(random.Random(seed).sample(range(len(records)), limit))
+    return [record for index, record in enumerate(records) if index in keep]
+
+
+def _encode_instruction_splits(train_records: list[dict], eval_records: list[dict],
+                               config: DataConfig, tokenizer: Any, sources: dict,
+                               info: dict) -> tuple[list[dict], list[dict]]:
+    info["template"] = config.template
+    info["unfilled_placeholders"] = count_unfilled_placeholders(train_records + eval_records)
+    splits = []
+    for name, records in (("train", train_records), ("eval", eval_records)):
+        examples, counts = encode_instructions(records, tokenizer, config.template,
+                                               config.max_length, sources[f"{name}_source"])
+        info[f"{name}_dropped"] = counts["dropped"]
+        info[f"{name}_truncated"] = counts["truncated"]
+        info[f"{name}_boundary_fallbacks"] = counts["boundary_fallbacks"]
+        splits.append(examples)
+    return splits[0], splits[1]
+
+
+def _encode_classification_splits(train_records: list[dict], eval_records: list[dict],
+                                  config: DataConfig, tokenizer: Any, sources: dict,
+                                  info: dict) -> tuple[list[dict], list[dict]]:
+    hint = " (and text_pair for sentence pairs)"
+    require_fields(train_records, ["text", "label"], sources["train_source"], hint)
+    require_fields(eval_records, ["text", "label"], sources["eval_source"], hint)
+    label_names = resolve_label_names([record["label"] for record in train_records],
+                                      config.label_names)
+    train = encode_classification_records(train_records, tokenizer, label_names,
+                                          config.max_length, sources["train_source"])
+    eval_examples = encode_classification_records(eval_records, tokenizer, label_names,
+                                                  config.max_length, sources["eval_source"])
+    if not config.label_names:
+        _check_eval_labels_seen(train, eval_examples, eval_records, label_names, sources)
+    info["label_names"] = label_names
+    info["num_labels"] = len(label_names)
+    # The tokenizer truncates silently: an example at exactly max_length counts as truncated.
+    info["train_truncated"] = sum(len(example["input_ids"]) >= config.max_length
+                                  for example in train)
+    info["eval_truncated"] = sum(len(example["input_ids"]) >= config.max_length
+                                 for example in eval_examples)
+    info["train_dropped"] = info["eval_dropped"] = 0
+    return train, eval_examples
+
+
+def _check_eval_labels_seen(train: list[dict], eval_examples: list[dict],
+                            eval_records: list[dict], label_names: list[str],
+                            sources: dict) -> None:
+    seen = {example["label"] for example in train}
+    for index, example in enumerate(eval_examples):
+        if example["label"] not in seen:
+            raise DataError(f"{sources['eval_source']} record {index + 1}: label "
+                            f"{eval_records[index]['label']!r} never occurs in the training data "
+                            f"(training labels: {', '.join(label_names[i] for i in sorted(seen))})"
+                            "; remove those examples or give label_names explicitly")
+
+
+def _encode_text_splits(train_records: list[dict], eval_records: list[dict],
+                        config: DataConfig, tokenizer: Any,
+                        sources: dict) -> tuple[list[dict], list[dict]]:
+    require_fields(train_records, ["text"], sources["train_source"])
+    require_fields(eval_records, ["text"], sources["eval_source"])
+    return (build_text_blocks(train_records, tokenizer, config.max_length),
+            build_text_blocks(eval_records, tokenizer, config.max_length) if eval_records else [])
+
+
+def _describe(name: str, examples: list[dict]) -> dict[str, Any]:
+    lengths = [len(example["input_ids"]) for example in examples]
+    description: dict[str, Any] = {
+        f"{name}_examples": len(examples),
+        f"{name}_tokens": sum(lengths),
+        f"{name}_mean_length": round(sum(lengths) / len(lengths), 2) if lengths else 0.0,
+        f"{name}_max_length": max(lengths, default=0),
+    }
+    if examples and "labels" in examples[0]:
+        with_loss = sum(label != IGNORE_INDEX for example in examples
+                        for label in example["labels"])
+        description[f"{name}_loss_token_fraction"] = round(with_loss / max(sum(lengths), 1), 4)
+    return description

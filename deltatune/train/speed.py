@@ -1,0 +1,71 @@
+"""Switches that trade memory, time and start-up cost during training, each measured in
+docs/speed.md: packed attention (per-example attention for packed batches), activation
+checkpointing (recompute each decoder layer in backward instead of storing its activations) and
+torch.compile of the decoder layers. `apply_speed_options(model, SpeedOptions(...))` turns on the
+chosen ones; all are off-by-default except packed attention, which changes nothing for ordinary
+padded batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.train.packed_attention import enable_packed_attention
+
+
+@dataclass
+class SpeedOptions:
+    packed_attention: bool = True
+    activation_checkpointing: bool = False
+    checkpoint_every_n_layers: int = 1
+    compile: bool = False
+
+
+def apply_speed_options(model: nn.Module, options: SpeedOptions) -> None:
+    """Turns on the chosen switches on a transformers model (after the method is applied)."""
+    if options.packed_attention:
+        enable_packed_attention(model)
+    if options.activation_checkpointing:
+        enable_activation_checkpointing(model, options.checkpoint_every_n_layers)
+    if options.compile:
+        compile_decoder_layers(model)
+
+
+def enable_activation_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Non-reentrant checkpointing of every `every_n_layers`-th decoder layer. transformers also
+    makes the input embeddings require grad (reentrant checkpointing needs it); non-reentrant
+    does not, and that flag would back-propagate through the first layer's frozen weights for
+    nothing, so it is switched off again."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support activation checkpointing; "
+                          "turn activation_checkpointing off")
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile's each repeated block (the entries of the model's largest ModuleList) in
+    place, with dynamic shapes so varying batch lengths do not recompile; returns how many.
+    Identical layers share one compiled graph."""
+    layers = _largest_module_list(model)
+    if layers is None:
+        raise ConfigError(f"{type(model).__name__} has no list of layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _largest_module_list(model: nn.Module) -> nn.ModuleList | None:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len, default=None)
+
+
+def set_threads(threads: int | None) -> int:
+    """Sets torch's intra-op threads (None: leave torch's default, one per core); returns it."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
