@@ -224,12 +224,16 @@ def run_base_identity(job: dict[str, Any]) -> dict[str, Any]:
 
 # -- the driver --------------------------------------------------------------------------------
 
-def run_subprocess(job: dict[str, Any], log_path: Path, mode: str = "--one") -> dict[str, Any]:
+def run_subprocess(job: dict[str, Any], log_path: Path, mode: str = "--one",
+                   threads: int | None = None) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(job)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                                 cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                 cwd=ROOT, env=env)
     lines = [l for l in process.stdout.splitlines() if l.startswith("RESULT ")]
     if process.returncode != 0 or not lines:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
@@ -287,14 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", default=None,
                         help="folder for run directories, logs and rewritten data "
                              "(default: a new temporary folder)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads per run (default: torch's default, one per "
+                             "core). On a machine shared with other jobs, 1 is much faster: "
+                             "OpenMP threads wait for each other whenever one is descheduled")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base-identity", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.one or args.base_identity:
-        result = run_one(json.loads(args.one)) if args.one \
-            else run_base_identity(json.loads(args.base_identity))
-        print("RESULT " + json.dumps(result, default=str), flush=True)
+        job = json.loads(args.one or args.base_identity)
+        result = run_one(job) if args.one else run_base_identity(job)
+        result["torch_threads"] = __import__("torch").get_num_threads()
+        text = json.dumps(result, default=str)
+        if job.get("result_path"):
+            Path(job["result_path"]).write_text(text + "\n", encoding="utf-8")
+        print("RESULT " + text, flush=True)
         return 0
 
     workloads = ["sst2", "identity"] if args.workload == "both" else [args.workload]
@@ -323,24 +335,26 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/methods_table.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     print(f"{len(jobs)} runs; run directories and logs under {scratch}", flush=True)
+    from deltatune.fileio import write_json
     results = []
     for index, (mode, job) in enumerate(jobs, start=1):
         started = time.perf_counter()
-        result = run_subprocess(job, scratch / "logs" / f"{job['workload']}-{job['key']}.log",
-                                mode)
+        name = f"{job['workload']}-{job['key']}"
+        job["result_path"] = str(scratch / "results" / f"{name}.json")
+        Path(job["result_path"]).parent.mkdir(parents=True, exist_ok=True)
+        result = run_subprocess(job, scratch / "logs" / f"{name}.log", mode, args.threads)
         result["quick"] = args.quick
         result["command"] = command
+        result["process_seconds"] = round(time.perf_counter() - started, 1)
         result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         results.append(result)
         print(progress_line(index, len(jobs), result, time.perf_counter() - started), flush=True)
-
-    merged = merge_results(Path(args.json), results, args.quick, args.fresh)
-    from deltatune.fileio import write_json
-    write_json(args.json, merged)
-    print(f"raw results: {args.json}")
-    if args.output:
-        write_markdown(Path(args.output), merged)
-        print(f"table: {args.output}")
+        # Written after every run, so a long table that is interrupted keeps what it measured.
+        merged = merge_results(Path(args.json), results, args.quick, args.fresh)
+        write_json(args.json, merged)
+        if args.output:
+            write_markdown(Path(args.output), merged)
+    print(f"raw results: {args.json}" + (f"; table: {args.output}" if args.output else ""))
     failures = [r for r in results if "error" in r or
                 (r["key"] != "base-model" and beats_baseline(r["workload"], r) is False)]
     for r in failures:
@@ -375,7 +389,7 @@ def machine_description() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.get_num_threads()} threads"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}"
 
 
 # -- markdown ----------------------------------------------------------------------------------
@@ -402,7 +416,9 @@ def render_tables(merged: dict[str, Any]) -> str:
     if merged.get("quick"):
         out.append("\n**QUICK SMOKE-TEST SIZES — not the real numbers.**")
     commands = sorted({r.get("command", "") for r in runs if r.get("command")})
-    out.append(f"\nMachine: {merged['machine']}, torch {merged['torch']}. "
+    threads = sorted({str(r["torch_threads"]) for r in runs if "torch_threads" in r})
+    out.append(f"\nMachine: {merged['machine']}; torch {merged['torch']} with "
+               f"{'/'.join(threads) or '?'} thread(s) per run. "
                "Command(s): " + "; ".join(f"`{c}`" for c in commands) + ".")
     for workload, info in WORKLOADS.items():
         rows = [r for r in runs if r["workload"] == workload]

@@ -60,6 +60,7 @@ class Variant:
     checkpointing: bool = False
     compile: bool = False
     flatten_collator: bool = False
+    release_freed_memory: bool = True
 
 
 VARIANTS = {
@@ -70,11 +71,13 @@ VARIANTS = {
     "dt-full-logits": Variant("deltatune", packing="flat", packed_attention=True),
     "dt-hf-mask": Variant("deltatune", packing="flat", chunked_loss=True),
     "dt-rows": Variant("deltatune", packing="rows", packed_attention=True, chunked_loss=True),
-    "dt-plain": Variant("deltatune"),
+    "dt-plain": Variant("deltatune", release_freed_memory=False),
     "dt-checkpointing": Variant("deltatune", packing="flat", packed_attention=True,
                                 chunked_loss=True, checkpointing=True),
     "dt-compile": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True,
                           compile=True),
+    "dt-default-malloc": Variant("deltatune", packing="flat", packed_attention=True,
+                                 chunked_loss=True, release_freed_memory=False),
 }
 
 
@@ -97,7 +100,8 @@ class SideResult:
 
 # -- one side, in its own process ------------------------------------------------------------
 
-def run_side(side: str, workload: str, steps: int, threads: int | None) -> SideResult:
+def run_side(side: str, workload: str, steps: int, threads: int | None,
+             chunk_size: int | None = None) -> SideResult:
     import torch
 
     from deltatune.eval.memory import peak_rss_bytes
@@ -106,7 +110,7 @@ def run_side(side: str, workload: str, steps: int, threads: int | None) -> SideR
     threads = set_threads(threads)
     variant = VARIANTS[side]
     torch.manual_seed(SEED)
-    model, tokenizer, parameters, train_step = _build(variant)
+    model, tokenizer, parameters, train_step = _build(variant, chunk_size)
     _seeded_lora_init(model)
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
     batches = _batches(workload, variant, tokenizer, steps)
@@ -132,10 +136,10 @@ def _current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _build(variant: Variant):
+def _build(variant: Variant, chunk_size: int | None = None):
     if variant.library == "peft":
         return _build_peer(variant)
-    return _build_deltatune(variant)
+    return _build_deltatune(variant, chunk_size)
 
 
 def _build_peer(variant: Variant):
@@ -159,7 +163,7 @@ def _build_peer(variant: Variant):
     return model, tokenizer, parameters, lambda m, b: m(**b).loss
 
 
-def _build_deltatune(variant: Variant):
+def _build_deltatune(variant: Variant, chunk_size: int | None):
     import deltatune
     from deltatune.methods.lora import LoraConfig
     from deltatune.models import load_model
@@ -171,8 +175,10 @@ def _build_deltatune(variant: Variant):
                                                       targets=TARGETS))
     apply_speed_options(loaded.model, SpeedOptions(
         packed_attention=variant.packed_attention,
-        activation_checkpointing=variant.checkpointing, compile=variant.compile))
-    objective = CausalLMObjective(chunked=variant.chunked_loss)
+        activation_checkpointing=variant.checkpointing, compile=variant.compile,
+        release_freed_memory=variant.release_freed_memory))
+    options = {} if chunk_size is None else {"chunk_size": chunk_size}
+    objective = CausalLMObjective(chunked=variant.chunked_loss, **options)
     return (loaded.model, loaded.tokenizer, handle.trainable_parameters(),
             lambda m, b: objective(m, b).loss)
 
@@ -249,13 +255,16 @@ def _peer_collate(features: list[dict], variant: Variant, tokenizer) -> dict:
 
 # -- orchestration ---------------------------------------------------------------------------
 
-def run_in_subprocess(side: str, workload: str, steps: int, threads: int | None) -> SideResult:
+def run_in_subprocess(side: str, workload: str, steps: int, threads: int | None,
+                      chunk_size: int | None = None) -> SideResult:
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--worker", side, "--workload", workload,
                    "--steps", str(steps), "--result", str(output)]
         if threads is not None:
             command += ["--threads", str(threads)]
+        if chunk_size is not None:
+            command += ["--chunk-size", str(chunk_size)]
         subprocess.run(command, check=True, cwd=ROOT)
         return SideResult(**json.loads(output.read_text()))
 
@@ -314,12 +323,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="A/B rounds")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 warmup, 1 round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="label positions per loss chunk on deltatune sides")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = run_side(args.worker, args.workload, args.steps, args.threads)
+        result = run_side(args.worker, args.workload, args.steps, args.threads, args.chunk_size)
         args.result.write_text(json.dumps(asdict(result)))
         return
     if args.quick:
@@ -333,7 +344,8 @@ def main() -> None:
             for side in sides:
                 if side == "peer-flat" and workload == "fixed":
                     continue  # fixed-length batches have no padding to remove
-                result = run_in_subprocess(side, workload, args.steps, args.threads)
+                result = run_in_subprocess(side, workload, args.steps, args.threads,
+                                           args.chunk_size)
                 results.append(result)
                 print(f"[{workload} round {repeat + 1}] {side}: "
                       f"{result.tokens_per_second(args.warmup):.1f} real tok/s, peak RSS "
@@ -355,7 +367,7 @@ def _ensure_model_cache() -> None:
 
 def _conditions(args) -> dict:
     return {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "threads": args.threads, "cpus": os.cpu_count(),
+            "threads": args.threads, "chunk_size": args.chunk_size, "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "flops_per_token": FLOPS_PER_TOKEN, "peak_flops": PEAK_FLOPS}
 

@@ -73,17 +73,43 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
     return loaded
 
 
+# `deltatune train` with no data and no config: the quickstart (LoRA on SmolLM2 learning the
+# built-in dates task). These settings make it learn the task in a few minutes on 2 CPU cores;
+# any flag the user gives still wins.
+QUICKSTART_PRESET: dict[str, Any] = {
+    "method_options": {"r": 16, "alpha": 32, "targets": ["all-linear"]},
+    "train": {"learning_rate": 1e-3, "warmup_ratio": 0.05},
+    "data": {"builtin": "dates", "builtin_train_size": 400, "builtin_eval_size": 100},
+    # An ISO date and the end-of-turn token are 7 tokens; the base model rambles to the limit.
+    "eval": {"max_new_tokens": 16},
+}
+
+
+def _is_quickstart(args: argparse.Namespace) -> bool:
+    return not (args.config or args.train or args.builtin or args.model or args.method
+                or args.task)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) \
+            and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def build_train_spec(args: argparse.Namespace):
     from deltatune.spec import parse_run_spec
 
-    raw = _read_yaml(args.config)
+    raw = _deep_merge(QUICKSTART_PRESET, {}) if _is_quickstart(args) else {}
+    raw = _deep_merge(raw, _read_yaml(args.config))
     for flag, dotted in _TRAIN_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             _set_dotted(raw, dotted, value)
     options = _key_values(args.option, "--option")
     if options:
-        raw.setdefault("method_options", {}).update(options)
+        raw["method_options"] = {**raw.get("method_options", {}), **options}
     for flag, dotted in (("column", "data.columns"), ("eval_column", "data.eval_columns"),
                          ("placeholder", "data.placeholders")):
         pairs = _key_values(getattr(args, flag), f"--{flag}")
@@ -154,7 +180,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="fine-tune a model with a method and write a run directory",
         description="Fine-tune a model with an adaptation method. With no arguments: LoRA on "
         "the packaged SmolLM2-135M-Instruct, learning the built-in 'dates' task (normalise "
-        "dates to ISO 8601), with exact match before and after. Flags override --config.",
+        "dates to ISO 8601), with exact match before and after (quickstart preset: LoRA r=16 "
+        "on all linear layers, lr 1e-3, 400 generated examples). Flags override --config.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML run config (see examples/); flags override it")
     g = p.add_argument_group("model and method")

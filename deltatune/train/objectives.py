@@ -53,7 +53,7 @@ class CausalLMObjective:
     exist at once (chunk_size x vocabulary floats); `chunked=False` takes the plain
     `model(...).logits` path (for comparison and for heads that are not a linear map)."""
 
-    def __init__(self, chunk_size: int = 1024, chunked: bool = True,
+    def __init__(self, chunk_size: int = 256, chunked: bool = True,
                  extra_terms: Sequence[ExtraTerm] = ()):
         if chunk_size < 1:
             raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -174,7 +174,7 @@ def _has_nonlinear_head(model: nn.Module) -> bool:
 # -- chunked output head + cross-entropy -----------------------------------------------------
 
 def linear_cross_entropy_sum(hidden: Tensor, head: nn.Module, targets: Tensor,
-                             chunk_size: int = 1024) -> Tensor:
+                             chunk_size: int = 256) -> Tensor:
     """sum_i CE(head(hidden[i]), targets[i]) over rows of `hidden` (N, hidden), computed
     `chunk_size` rows at a time. A plain `nn.Linear` head uses the fused function (gradients in
     the forward pass); any other module runs under per-chunk checkpointing."""

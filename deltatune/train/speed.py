@@ -1,12 +1,16 @@
 """Switches that trade memory, time and start-up cost during training, each measured in
 docs/speed.md: packed attention (per-example attention for packed batches), activation
-checkpointing (recompute each decoder layer in backward instead of storing its activations) and
-torch.compile of the decoder layers. `apply_speed_options(model, SpeedOptions(...))` turns on the
-chosen ones; all are off-by-default except packed attention, which changes nothing for ordinary
-padded batches.
+checkpointing (recompute each decoder layer in backward instead of storing its activations),
+torch.compile of the decoder layers, and an allocator setting that stops glibc from keeping freed
+activation memory (peak RSS otherwise creeps up step after step). `apply_speed_options(model,
+SpeedOptions(...))` turns on the chosen ones; packed attention (which changes nothing for padded
+batches) and the allocator setting are on by default.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +26,13 @@ class SpeedOptions:
     activation_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1
     compile: bool = False
+    release_freed_memory: bool = True
 
 
 def apply_speed_options(model: nn.Module, options: SpeedOptions) -> None:
     """Turns on the chosen switches on a transformers model (after the method is applied)."""
+    if options.release_freed_memory:
+        release_freed_memory()
     if options.packed_attention:
         enable_packed_attention(model)
     if options.activation_checkpointing:
@@ -62,6 +69,27 @@ def compile_decoder_layers(model: nn.Module) -> int:
 def _largest_module_list(model: nn.Module) -> nn.ModuleList | None:
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return max(lists, key=len, default=None)
+
+
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
+_M_MMAP_THRESHOLD = -3
+
+
+def release_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
+    """Process-wide, glibc only: allocations of `threshold_bytes` or more are served by mmap and
+    go back to the OS when freed. By default glibc raises that threshold to the largest freed
+    block (up to 32 MB), so every activation tensor then comes from the heap, which fragments and
+    keeps growing: peak RSS of a training run rises for several steps (3.4 GB instead of 2.6 GB
+    for smollm2-135m, 4 x 256 tokens). Returns whether the setting took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
 
 
 def set_threads(threads: int | None) -> int:

@@ -200,3 +200,28 @@ def test_classification_objective():
     expected = F.cross_entropy(model(input_ids=input_ids).logits, batch["labels"]).item() + 1.0
     assert output.loss.item() == pytest.approx(expected, abs=1e-6)
     assert (output.label_tokens, output.input_tokens) == (4, 36)
+
+
+def test_activation_checkpointing_keeps_gradients_and_frozen_inputs():
+    from deltatune.train.speed import SpeedOptions, apply_speed_options
+    batch = _padded_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        deltatune.apply(model, LoraConfig(r=4, targets=["q_proj", "down_proj"], init="gaussian"))
+        apply_speed_options(model, SpeedOptions(activation_checkpointing=checkpointing))
+        model.train()
+        inputs_need_grad = []
+        model.model.layers[0].register_forward_pre_hook(
+            lambda module, args: inputs_need_grad.append(args[0].requires_grad))
+        results.append(_loss_and_grads(model, lambda: CausalLMObjective()(model, batch).loss))
+        assert inputs_need_grad == [False]
+        assert model.is_activation_checkpointing == checkpointing
+    _assert_same(results[1], results[0], 1e-6)
+
+
+def test_compile_marks_every_decoder_layer():
+    from deltatune.train.speed import compile_decoder_layers
+    model = tiny_llama()
+    assert compile_decoder_layers(model) == 2
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
