@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import AdapterFormatError, ConfigError
+from deltatune.errors import ConfigError
 from deltatune.fileio import write_json, write_safetensors
-from deltatune.methods.base import (MethodConfig, MethodHandle, find_blocks, find_modules,
-                                    freeze_all, modules_to_save_state, peft_key, replace_module,
-                                    unfreeze_modules_to_save)
+from deltatune.methods.base import (MethodConfig, MethodHandle, check_adapter_keys, find_blocks,
+                                    find_modules, freeze_all, modules_to_save_state, peft_key,
+                                    replace_module, unfreeze_modules_to_save)
 
 GENERATOR_NAME = "hyperlora_generator"
 
@@ -199,17 +199,7 @@ class HyperLoraHandle(MethodHandle):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise AdapterFormatError(
-                f"hyperlora: adapter tensors do not fit (missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}); load it on the base model and config it was trained with")
-        for key, tensor in expected.items():
-            if tuple(state[key].shape) != tuple(tensor.shape):
-                raise AdapterFormatError(
-                    f"hyperlora: '{key}' has shape {tuple(state[key].shape)} in the adapter but "
-                    f"{tuple(tensor.shape)} here; the adapter was built for another model/config")
+        check_adapter_keys(expected, state, "hyperlora")
         self.unmerge()
         with torch.no_grad():
             for key, tensor in expected.items():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import AdapterFormatError, ConfigError, TargetNotFoundError
-from deltatune.methods.base import (MethodConfig, MethodHandle, freeze_all,
+from deltatune.methods.base import (MethodConfig, MethodHandle, check_adapter_keys, freeze_all,
                                     load_modules_to_save_state, modules_to_save_state, peft_key,
                                     replace_module, unfreeze_modules_to_save)
 
@@ -220,18 +220,8 @@ class TextualInversionHandle(MethodHandle):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise AdapterFormatError(
-                f"textual-inversion: adapter tensors do not fit (missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}); load it on the base model it was trained on")
-        for key, tensor in expected.items():
-            if tuple(state[key].shape) != tuple(tensor.shape):
-                raise AdapterFormatError(
-                    f"textual-inversion: '{key}' has shape {tuple(state[key].shape)} in the "
-                    f"adapter but {tuple(tensor.shape)} here; the adapter was trained with other "
-                    "placeholder tokens or another base model")
+        check_adapter_keys(expected, state, "textual-inversion")
+
         with torch.no_grad():
             self.embedding.new_embeddings.copy_(state[peft_key(self.embedding_name, NEW_ROWS)])
             if self.head is not None and not self.head_is_tied:
