@@ -99,3 +99,12 @@ def test_default_causal_run_end_to_end(tmp_path, capsys):
     assert main(["generate", "--run", str(run), "--max-new-tokens", "8",
                  "Convert the date to ISO 8601 format (YYYY-MM-DD).\n\nMarch 5, 2019"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
+def test_prompt_style_methods_train_unpacked(method):
+    """The pipeline must pad, not pack, for methods whose virtual tokens start every row."""
+    from deltatune.methods import config_class
+
+    assert config_class(method).supports_packing is False
+    assert config_class("lora").supports_packing is True

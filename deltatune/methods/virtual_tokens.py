@@ -103,6 +103,9 @@ class VirtualTokenConfig(MethodConfig):
     The model-derived fields (`token_dim`, `num_layers`, `num_attention_heads`, `task_type`) are
     filled in by `apply`; when given (e.g. read from an adapter file) they must fit the model."""
 
+    # The virtual tokens sit at the start of each row: packed examples would share them.
+    supports_packing: ClassVar[bool] = False
+
     num_virtual_tokens: int = 20
     task_type: str | None = None
     token_dim: int | None = None
