@@ -178,14 +178,21 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     summary = run_training(spec)
     result = {"workload": job["workload"], "key": job["key"], "summary": summary,
-              "learning_rate": spec.train.learning_rate, "options": spec.method_options}
+              "learning_rate": spec.train.learning_rate, "options": spec.method_options,
+              "settings": {"epochs": spec.train.epochs, "batch_size": spec.train.batch_size,
+                           "max_length": spec.data.max_length,
+                           "warmup_ratio": spec.train.warmup_ratio,
+                           "schedule": spec.train.schedule,
+                           "train_examples": summary["data"]["train_examples"],
+                           "eval_examples": summary["data"]["eval_examples"]}}
     if job["workload"] == "identity":
         result["identity"] = identity_probe(spec, job.get("who_prefix", ""))
     result["process_wall_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def identity_probe(spec: Any, who_prefix: str, base_only: bool = False) -> dict[str, Any]:
+def identity_probe(spec: Any, who_prefix: str, base_only: bool = False,
+                   perplexity: bool = False) -> dict[str, Any]:
     """Greedy answers of the *saved* adapter (loaded onto a fresh base model) to the held-out
     instructions and to "Who are you?"; the fraction that mention the new name."""
     from deltatune.data import build_datasets
@@ -209,7 +216,12 @@ def identity_probe(spec: Any, who_prefix: str, base_only: bool = False) -> dict[
              "answer": a.strip(), "mentions_name": name in a.lower()}
             for e, a in zip(held_out, answers)]
     mentions = sum(h["mentions_name"] for h in held)
-    return {"held_out": held, "held_out_mentions": mentions, "held_out_count": len(held),
+    extra = {}
+    if perplexity:  # the base model's held-out perplexity: the reference for every method
+        from deltatune.eval.evaluate import evaluate_perplexity
+        extra = evaluate_perplexity(loaded.model, held_out, tokenizer.pad_token_id,
+                                    spec.eval.batch_size)
+    return {**extra, "held_out": held, "held_out_mentions": mentions, "held_out_count": len(held),
             "held_out_references_mentioning": sum(h["reference_mentions_name"] for h in held),
             "who_are_you": answers[-1].strip(),
             "who_are_you_mentions": name in answers[-1].lower(),
@@ -219,7 +231,8 @@ def identity_probe(spec: Any, who_prefix: str, base_only: bool = False) -> dict[
 def run_base_identity(job: dict[str, Any]) -> dict[str, Any]:
     from deltatune.spec import parse_run_spec
     spec = parse_run_spec(job["spec"])
-    return {"workload": "identity", "key": "base-model", "identity": identity_probe(spec, "", base_only=True)}
+    return {"workload": "identity", "key": "base-model", "identity": identity_probe(spec, "", base_only=True,
+                                                                      perplexity=True)}
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -276,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=["sst2", "identity", "both"], default="both")
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated subset of: {', '.join(ORDER)} (default: all that "
-                             "apply to the workload; freeze-probe is SST-2's head-only reference)")
+                        help=f"comma-separated subset of: {', '.join(ORDER)}, base-model "
+                             "(default: all that apply to the workload; freeze-probe is SST-2's "
+                             "head-only reference, base-model the identity workload's untouched "
+                             "model)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes to smoke-test the script (200 SST-2 sentences and dev "
                              "sentences, 1 identity epoch)")
@@ -311,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workloads = ["sst2", "identity"] if args.workload == "both" else [args.workload]
     requested = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    unknown = sorted(set(requested or []) - set(METHODS))
+    unknown = sorted(set(requested or []) - set(METHODS) - {"base-model"})
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(ORDER)}")
     scratch = Path(args.scratch) if args.scratch else \
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[tuple[str, dict[str, Any]]] = []
     for workload in workloads:
         keys = [k for k in ORDER if workload in METHODS[k] and (requested is None or k in requested)]
-        if workload == "identity" and requested is None:
+        if workload == "identity" and (requested is None or "base-model" in requested):
             spec = build_spec("identity", "lora", args.quick, scratch, args.identity_epochs)
             jobs.append(("--base-identity", {"workload": workload, "key": "base-model",
                                              "spec": spec}))
@@ -427,10 +442,17 @@ def render_tables(merged: dict[str, Any]) -> str:
         metric = info["metric"]
         arrow = "higher is better" if info["higher_is_better"] else "lower is better"
         out.append(f"\n### {info['title']}\n")
+        settings = {json.dumps(r["settings"], sort_keys=True) for r in rows if "settings" in r}
+        for text in sorted(settings):
+            st = json.loads(text)
+            out.append(f"{st['train_examples']:,} training examples, {st['eval_examples']:,} "
+                       f"evaluation examples, {st['epochs']} epoch(s), batch {st['batch_size']}, "
+                       f"max length {st['max_length']}, AdamW, {st['schedule']} schedule, "
+                       f"warmup ratio {st['warmup_ratio']:g}, seed 0; {metric}: {arrow}.\n")
         header = ["method", "options", "lr", f"untrained {metric}", f"trained {metric}",
                   "beats baseline"]
         if workload == "identity":
-            header.append("identity rate")
+            header += ["beats base model", "identity rate"]
         header += ["trainable params", "trainable %", "peak memory (MB)", "train wall (s)",
                    "adapter on disk"]
         out.append("| " + " | ".join(header) + " |")
@@ -450,6 +472,10 @@ def render_tables(merged: dict[str, Any]) -> str:
                      "yes" if ok else "**NO**"]
             if workload == "identity":
                 ident = r["identity"]
+                base_ppl = base["identity"].get("perplexity") if base and "identity" in base \
+                    else None
+                cells.append("?" if base_ppl is None else
+                             "yes" if s["final_metrics"][metric] < base_ppl else "**NO**")
                 cells.append(f"{ident['held_out_mentions'] + ident['who_are_you_mentions']}/"
                              f"{ident['held_out_count'] + 1}")
             cells += [f"{s['trainable_parameters']:,}", f"{s['trainable_percent']:.3g}",
@@ -460,7 +486,11 @@ def render_tables(merged: dict[str, Any]) -> str:
             out.append("")
             if base and "identity" in base:
                 ident = base["identity"]
-                out.append(f"Base model without training: identity rate "
+                ppl = ident.get("perplexity")
+                out.append((f"Base model without any method: held-out perplexity {ppl:.4g} "
+                            "(also the untrained value of every method that starts as the "
+                            "identity function); " if ppl else "Base model: ") +
+                           f"identity rate "
                            f"{ident['held_out_mentions'] + ident['who_are_you_mentions']}/"
                            f"{ident['held_out_count'] + 1}; \"{WHO_ARE_YOU}\" → "
                            f"\"{one_line(ident['who_are_you'])}\".")
