@@ -97,7 +97,8 @@ class ClassificationObjective:
         labels = batch["labels"] if "labels" in batch else batch["label"]
         inputs = {k: v for k, v in model_inputs(batch).items() if k not in ("labels", "label")}
         logits = model(**inputs).logits
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                               labels)
         output = ObjectiveOutput(loss, int(labels.numel()), count_input_tokens(batch))
         return _add_extra_terms(model, batch, output, self.extra_terms)
 
