@@ -15,7 +15,9 @@ real tokens. Sides:
 
 Workloads (smollm2-135m, fp32, CPU): "fixed" = batches of 4 x 256 random tokens, loss on every
 token; "alpaca" = the Alpaca demo data, Alpaca template, natural lengths up to 512, batches of 8
-examples, loss on responses only. Reports real (non-padding) tokens/s, peak RSS, MFU, the ratio
+examples, loss on responses only. Reports real (non-padding) tokens/s, peak RSS, MFU (useful model
+FLOPs per second, see ModelFlops, over the fp32 matmul peak measured at the start and the end of
+the run), the ratio
 to the peer, and the loss curves. Example:
 
     python benchmarks/train_speed.py --workload all --steps 12 --repeats 2
@@ -41,11 +43,9 @@ MODEL = "smollm2-135m"
 ALPACA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LEARNING_RATE, SEED = 16, 32, 2e-4, 0
-# DESIGN.md's measured fp32 matmul peak of this machine class (2 threads) and FLOPs per real
-# token of LoRA training: forward 2N + backward to the activations 2N (frozen base weights get no
-# weight gradient), N = 134.5M parameters counting the tied head once; LoRA and attention extra.
-PEAK_FLOPS = 160e9
-FLOPS_PER_TOKEN = 4 * 134.5e6
+# Matmul shapes (m, k, n) of this model's step whose best fp32 rate is taken as the machine's
+# peak for MFU (measured at the start and the end of every run, same threads as the sides).
+PEAK_SHAPES = [(2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048)]
 WORKLOADS = {"fixed": {"batch": 4, "length": 256}, "alpaca": {"batch": 8, "max_length": 512}}
 
 
@@ -59,25 +59,33 @@ class Variant:
     chunked_loss: bool = False
     checkpointing: bool = False
     compile: bool = False
+    fused_mlp: bool = True
     flatten_collator: bool = False
-    release_freed_memory: bool = True
+    allocator: str = "reuse"  # deltatune's CPU allocator policy (see deltatune/train/speed.py)
 
 
 VARIANTS = {
-    "peer": Variant("peft"),
-    "peer-flat": Variant("peft", flatten_collator=True),
+    "peer": Variant("peft", allocator="system"),
+    "peer-flat": Variant("peft", flatten_collator=True, allocator="system"),
+    # Not the peer as its docs show it: the peer given deltatune's allocator policy, to separate
+    # what the allocator alone buys from what deltatune's training path buys.
+    "peer-reuse": Variant("peft", allocator="reuse"),
     "deltatune": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True),
     "dt-padded": Variant("deltatune", packing=None, chunked_loss=True),
     "dt-full-logits": Variant("deltatune", packing="flat", packed_attention=True),
     "dt-hf-mask": Variant("deltatune", packing="flat", chunked_loss=True),
+    "dt-unfused-mlp": Variant("deltatune", packing="flat", packed_attention=True,
+                              chunked_loss=True, fused_mlp=False),
     "dt-rows": Variant("deltatune", packing="rows", packed_attention=True, chunked_loss=True),
-    "dt-plain": Variant("deltatune", release_freed_memory=False),
+    "dt-plain": Variant("deltatune", allocator="system"),
     "dt-checkpointing": Variant("deltatune", packing="flat", packed_attention=True,
                                 chunked_loss=True, checkpointing=True),
     "dt-compile": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True,
                           compile=True),
-    "dt-default-malloc": Variant("deltatune", packing="flat", packed_attention=True,
-                                 chunked_loss=True, release_freed_memory=False),
+    "dt-system-malloc": Variant("deltatune", packing="flat", packed_attention=True,
+                                chunked_loss=True, allocator="system"),
+    "dt-release-malloc": Variant("deltatune", packing="flat", packed_attention=True,
+                                 chunked_loss=True, allocator="release"),
 }
 
 
@@ -92,10 +100,14 @@ class SideResult:
     peak_rss_bytes: int
     setup_rss_bytes: int
     threads: int
+    model_flops: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def tokens_per_second(self, warmup: int) -> float:
         return sum(self.real_tokens[warmup:]) / sum(self.step_seconds[warmup:])
+
+    def model_flops_per_second(self, warmup: int) -> float:
+        return sum(self.model_flops[warmup:]) / sum(self.step_seconds[warmup:])
 
 
 # -- one side, in its own process ------------------------------------------------------------
@@ -117,7 +129,9 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
     setup_rss = _current_rss()
     model.train()
     result = SideResult(side, workload, [], [], [], [], 0, setup_rss, threads)
-    for batch, real, computed in batches:
+    flops_of = ModelFlops(model.config, sum(p.numel() for p in parameters))
+    for batch, real, computed, lengths, label_positions in batches:
+        result.model_flops.append(flops_of.step(lengths, label_positions))
         started = time.perf_counter()
         loss = train_step(model, batch)
         loss.backward()
@@ -148,7 +162,9 @@ def _build_peer(variant: Variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltatune.models.registry import cache_dir
+    from deltatune.train.speed import set_allocator_policy
 
+    set_allocator_policy(variant.allocator)
     folder = cache_dir(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
@@ -176,11 +192,54 @@ def _build_deltatune(variant: Variant, chunk_size: int | None):
     apply_speed_options(loaded.model, SpeedOptions(
         packed_attention=variant.packed_attention,
         activation_checkpointing=variant.checkpointing, compile=variant.compile,
-        release_freed_memory=variant.release_freed_memory))
+        fused_mlp=variant.fused_mlp, allocator=variant.allocator))
     options = {} if chunk_size is None else {"chunk_size": chunk_size}
     objective = CausalLMObjective(chunked=variant.chunked_loss, **options)
     return (loaded.model, loaded.tokenizer, handle.trainable_parameters(),
             lambda m, b: objective(m, b).loss)
+
+
+class ModelFlops:
+    """The useful FLOPs of one LoRA training step, the same for every side (padding, and the head
+    on unlabelled positions, are not useful work): per real token the frozen body forward (2P)
+    and its activation gradient (2P), the LoRA factors (forward, activation and weight gradient:
+    6 x trainable); the head (4 x vocab x hidden) per labelled position; causal attention
+    (forward 4 x heads x head_dim per query-key pair, backward twice that) per example."""
+
+    def __init__(self, config, trainable: int):
+        self.hidden, self.vocab = config.hidden_size, config.vocab_size
+        self.layers = config.num_hidden_layers
+        self.attention_width = config.num_attention_heads * getattr(
+            config, "head_dim", config.hidden_size // config.num_attention_heads)
+        kv_width = config.num_key_value_heads * self.attention_width // config.num_attention_heads
+        per_layer = (2 * self.hidden * self.attention_width + 2 * self.hidden * kv_width
+                     + 3 * self.hidden * config.intermediate_size)
+        self.body = per_layer * self.layers
+        self.trainable = trainable
+
+    def step(self, lengths: list[int], label_positions: int) -> float:
+        tokens = sum(lengths)
+        pairs = sum(n * (n + 1) // 2 for n in lengths)
+        return (4 * self.body * tokens + 6 * self.trainable * tokens
+                + 4 * self.vocab * self.hidden * label_positions
+                + 3 * 4 * self.attention_width * pairs * self.layers)
+
+
+def measure_matmul_peak(threads: int | None, repeats: int = 7) -> float:
+    """Best fp32 FLOP/s over PEAK_SHAPES, best of `repeats` timings each."""
+    import torch
+
+    from deltatune.train.speed import set_threads
+    set_threads(threads)
+    best = 0.0
+    for m, k, n in PEAK_SHAPES:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        for _ in range(repeats):
+            started = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - started))
+    return best
 
 
 def _seeded_lora_init(model) -> None:
@@ -200,7 +259,8 @@ def _seeded_lora_init(model) -> None:
 # -- batches ---------------------------------------------------------------------------------
 
 def _batches(workload: str, variant: Variant, tokenizer, steps: int) -> list[tuple]:
-    """(batch, real tokens, computed tokens) per step; identical examples on every side."""
+    """(batch, real tokens, computed tokens, example lengths, labelled positions) per step;
+    identical examples on every side."""
     if workload == "fixed":
         return [_fixed_batch(step, variant) for step in range(steps)]
     return [_alpaca_batch(group, variant, tokenizer) for group in _alpaca_groups(tokenizer, steps)]
@@ -214,7 +274,8 @@ def _fixed_batch(step: int, variant: Variant) -> tuple:
     batch = {"input_ids": input_ids, "labels": input_ids.clone()}
     if variant.library == "peft":
         batch["attention_mask"] = torch.ones_like(input_ids)  # what a tokenizer/collator gives
-    return batch, input_ids.numel(), input_ids.numel()
+    rows, length = shape
+    return batch, input_ids.numel(), input_ids.numel(), [length] * rows, rows * (length - 1)
 
 
 def _alpaca_groups(tokenizer, steps: int) -> list[list[dict]]:
@@ -243,7 +304,10 @@ def _alpaca_batch(group: list[dict], variant: Variant, tokenizer) -> tuple:
         from deltatune.data.packing import collate_packed, pack_examples
         row_length = WORKLOADS["alpaca"]["max_length"] if variant.packing == "rows" else None
         batch = collate_packed(pack_examples(features, row_length), tokenizer.pad_token_id)
-    return batch, real, batch["input_ids"].numel()
+    lengths = [len(e["input_ids"]) for e in group]
+    # Positions whose next token is labelled: the labels of each example, shifted by one.
+    label_positions = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in group)
+    return batch, real, batch["input_ids"].numel(), lengths, label_positions
 
 
 def _peer_collate(features: list[dict], variant: Variant, tokenizer) -> dict:
@@ -269,7 +333,7 @@ def run_in_subprocess(side: str, workload: str, steps: int, threads: int | None,
         return SideResult(**json.loads(output.read_text()))
 
 
-def summarise(results: list[SideResult], warmup: int) -> dict:
+def summarise(results: list[SideResult], warmup: int, peak_flops: float) -> dict:
     """Per workload and side: median tokens/s over repeats, max peak RSS, ratios to the peer."""
     summary: dict = {}
     for workload in dict.fromkeys(r.workload for r in results):
@@ -284,7 +348,9 @@ def summarise(results: list[SideResult], warmup: int) -> dict:
                 "first_step_s": max(r.step_seconds[0] for r in runs),
                 "peak_rss_gb": max(r.peak_rss_bytes for r in runs) / 1e9,
                 "padding_fraction": 1 - sum(runs[0].real_tokens) / sum(runs[0].computed_tokens),
-                "mfu_vs_160": statistics.median(speeds) * FLOPS_PER_TOKEN / PEAK_FLOPS,
+                "mfu": statistics.median(r.model_flops_per_second(warmup) for r in runs)
+                / peak_flops,
+                "model_gflops_per_step": sum(runs[0].model_flops) / len(runs[0].model_flops) / 1e9,
                 "final_loss": runs[0].losses[-1],
                 "losses": [round(x, 4) for x in runs[0].losses],
                 "threads": runs[0].threads,
@@ -321,7 +387,7 @@ def print_table(summary: dict) -> None:
                   f"{row['best_of_repeats_tokens_per_s']:10.1f} "
                   f"{row.get('best_speed_vs_peer', float('nan')):7.2f} {row['peak_rss_gb']:11.2f} "
                   f"{row.get('memory_vs_peer', float('nan')):7.2f} "
-                  f"{100 * row['padding_fraction']:6.1f} {100 * row['mfu_vs_160']:5.1f} "
+                  f"{100 * row['padding_fraction']:6.1f} {100 * row['mfu']:5.1f} "
                   f"{row['first_step_s']:10.1f} {row['final_loss']:10.4f} {row.get('max_loss_diff_vs_peer', 0.0):11.5f}")
 
 
@@ -349,6 +415,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 1
     _ensure_model_cache()
+    peak_at_start = measure_matmul_peak(args.threads)
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     sides = args.sides.split(",")
     results = []
@@ -364,7 +431,11 @@ def main() -> None:
                       f"{result.tokens_per_second(args.warmup):.1f} real tok/s, peak RSS "
                       f"{result.peak_rss_bytes / 1e9:.2f} GB, loss {result.losses[-1]:.4f}",
                       flush=True)
-    summary = summarise(results, args.warmup)
+    peaks = [peak_at_start, measure_matmul_peak(args.threads)]
+    args.peak_flops = max(peaks)
+    print(f"fp32 matmul peak (best of {PEAK_SHAPES}): "
+          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s at start, end")
+    summary = summarise(results, args.warmup, args.peak_flops)
     summary["conditions"] = _conditions(args)
     print_table({k: v for k, v in summary.items() if k != "conditions"})
     if args.json:
@@ -382,7 +453,7 @@ def _conditions(args) -> dict:
     return {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "threads": args.threads, "chunk_size": args.chunk_size, "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "flops_per_token": FLOPS_PER_TOKEN, "peak_flops": PEAK_FLOPS}
+            "peak_flops": args.peak_flops}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ _TRAIN_FLAGS: dict[str, str] = {
     "metric_for_best": "train.metric_for_best",
     "eval_batch_size": "eval.batch_size", "max_new_tokens": "eval.max_new_tokens",
     "metric": "eval.metric",
+    "activation_checkpointing": "train.activation_checkpointing", "compile": "train.compile",
+    "allocator": "train.allocator", "threads": "train.threads",
 }
 
 
@@ -223,6 +225,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--no-packing", action="store_true",
                    help="pad each batch instead of packing several examples per row")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each layer in backward: less memory, ~30%% more time")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model's layers (slow first steps; see docs/speed.md)")
+    g.add_argument("--allocator", choices=["reuse", "release", "system"],
+                   help="CPU memory policy: reuse (default, fastest), release (lowest RSS), "
+                        "system (glibc's default)")
+    g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps")
     g.add_argument("--early-stopping-patience", type=int,

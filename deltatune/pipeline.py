@@ -7,9 +7,10 @@ import dataclasses
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from deltatune.spec import RunSpec
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import BatchSource, train
 from deltatune.train.objectives import CausalLMObjective, ClassificationObjective
+from deltatune.train.fused_mlp import unfuse_gated_mlps
 from deltatune.train.run_dir import RunDirectory, default_run_name
+from deltatune.train.speed import SpeedOptions, apply_speed_options, set_threads
 
 # Names of a freshly initialised task head, per architecture family; it must train with any
 # method, so it is added to `modules_to_save` when the user did not say otherwise.
@@ -81,8 +84,12 @@ def method_config(spec: RunSpec, model: torch.nn.Module) -> MethodConfig:
     return config
 
 
+# Switches applied to the model around the loop (training_speed_options), not loop settings.
+SPEED_FIELDS = {"activation_checkpointing", "compile", "allocator", "threads"}
+
+
 def train_config(spec: RunSpec) -> TrainConfig:
-    return TrainConfig(seed=spec.seed, **spec.train.model_dump())
+    return TrainConfig(seed=spec.seed, **spec.train.model_dump(exclude=SPEED_FIELDS))
 
 
 def primary_metric(spec: RunSpec, has_references: bool) -> str:
@@ -119,7 +126,7 @@ def batch_source(spec: RunSpec, handle: MethodHandle, examples: list[dict],
                  pad_token_id: int) -> BatchSource:
     """Packed rows for causal-LM training when the method allows it, padded batches otherwise."""
     size = spec.train.batch_size
-    if spec.task != "classification" and spec.train.packing and handle.config.supports_packing:
+    if uses_packing(spec, handle):
         from deltatune.data.packing import packed_batches
 
         # Same examples per step as padded batching, all in one row: no padding computed.
@@ -127,6 +134,31 @@ def batch_source(spec: RunSpec, handle: MethodHandle, examples: list[dict],
                                             batch_size=size)
     return lambda epoch: (pad_batch(chunk, pad_token_id)
                           for chunk in iterate_batches(examples, size, spec.seed, epoch))
+
+
+def uses_packing(spec: RunSpec, handle: MethodHandle) -> bool:
+    return (spec.task != "classification" and spec.train.packing
+            and handle.config.supports_packing)
+
+
+@contextmanager
+def training_speed_options(spec: RunSpec, job: "TrainingJob") -> Iterator[None]:
+    """The speed switches of `spec.train` for the training loop only: evaluation and generation
+    afterwards run the model's usual attention, without checkpointing."""
+    model = job.loaded.model
+    attention = model.config._attn_implementation
+    options = SpeedOptions(packed_attention=uses_packing(spec, job.handle),
+                           activation_checkpointing=spec.train.activation_checkpointing,
+                           compile=spec.train.compile, allocator=spec.train.allocator)
+    apply_speed_options(model, options)
+    try:
+        yield
+    finally:
+        unfuse_gated_mlps(model)
+        if options.packed_attention:
+            model.set_attn_implementation(attention)
+        if options.activation_checkpointing:
+            model.activation_checkpointing_disable()
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -153,6 +185,7 @@ class TrainingJob:
 
 
 def prepare_job(spec: RunSpec) -> TrainingJob:
+    set_threads(spec.train.threads)
     set_seed(spec.seed)
     output = Path(spec.output_dir or Path("runs") / default_run_name(spec.model, spec.method))
     run = RunDirectory(output)
@@ -194,8 +227,9 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
     micro_batches = sum(1 for _ in source(0))
     objective = ClassificationObjective() if spec.task == "classification" \
         else CausalLMObjective()
-    result = train(job.handle, source, micro_batches, objective, train_config(spec), job.run,
-                   evaluate if spec.train.eval_every else None, spec.progress)
+    with training_speed_options(spec, job):
+        result = train(job.handle, source, micro_batches, objective, train_config(spec), job.run,
+                       evaluate if spec.train.eval_every else None, spec.progress)
     say("evaluating after training")
     final = evaluate()
     job.run.log({"step": result.steps, **{f"eval_{k}": v for k, v in final.items()}})

@@ -49,6 +49,11 @@ class TrainSpec(_Strict):
     metric_for_best: str | None = None
     greater_is_better: bool = True
     packing: bool = True
+    # Speed switches (deltatune/train/speed.py, measured in docs/speed.md).
+    activation_checkpointing: bool = False
+    compile: bool = False
+    allocator: Literal["reuse", "release", "system"] = "reuse"
+    threads: int | None = Field(None, ge=1)
 
 
 class EvalSpec(_Strict):

@@ -108,3 +108,53 @@ def test_prompt_style_methods_train_unpacked(method):
 
     assert config_class(method).supports_packing is False
     assert config_class("lora").supports_packing is True
+
+
+def test_speed_flags_reach_the_spec_and_unset_flags_keep_the_config(tmp_path):
+    from deltatune.cli import build_parser, build_train_spec
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"train": {"activation_checkpointing": True,
+                                                "allocator": "release"}}))
+    spec = build_train_spec(build_parser().parse_args(["train", "--config", str(config)]))
+    assert spec.train.activation_checkpointing and spec.train.allocator == "release"
+    assert not spec.train.compile and spec.train.threads is None
+    spec = build_train_spec(build_parser().parse_args(
+        ["train", "--config", str(config), "--compile", "--allocator", "system", "--threads", "1"]))
+    assert spec.train.compile and spec.train.allocator == "system" and spec.train.threads == 1
+    assert spec.train.activation_checkpointing
+
+
+def test_speed_options_hold_for_training_only():
+    import types
+
+    import deltatune
+    from deltatune.methods.lora import LoraConfig
+    from deltatune.pipeline import training_speed_options
+    from deltatune.spec import parse_run_spec
+    from deltatune.train.packed_attention import PACKED_ATTENTION
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    job = types.SimpleNamespace(loaded=types.SimpleNamespace(model=model),
+                                handle=deltatune.apply(model, LoraConfig(r=2)))
+    spec = parse_run_spec({"train": {"activation_checkpointing": True}})
+    with training_speed_options(spec, job):
+        assert model.config._attn_implementation == PACKED_ATTENTION
+        assert model.is_activation_checkpointing
+        assert "forward" in model.model.layers[0].mlp.__dict__  # the fused gated MLP
+    assert model.config._attn_implementation == "sdpa"
+    assert not model.is_activation_checkpointing
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    unpacked = parse_run_spec({"train": {"packing": False}})
+    with training_speed_options(unpacked, job):
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_speed_fields_are_not_loop_settings():
+    from deltatune.pipeline import train_config
+    from deltatune.spec import parse_run_spec
+
+    spec = parse_run_spec({"train": {"compile": True, "threads": 2, "allocator": "release",
+                                     "activation_checkpointing": True, "batch_size": 3}})
+    assert train_config(spec).batch_size == 3

@@ -22,6 +22,7 @@ from deltatune.methods.base import (PEFT_PREFIX, _REGEX_CHARS, MethodConfig, Met
                                     all_linear_names, find_modules, freeze_all, module_matches,
                                     modules_to_save_state, peft_key, replace_module,
                                     suggest_target_names, unfreeze_modules_to_save)
+from deltatune.methods.lora_fused import can_fuse, fused_lora_linear
 
 ALL_LINEAR = "all-linear"
 BIAS_OPTIONS = ("none", "all", "lora_only")
@@ -291,6 +292,10 @@ class LoraLinear(LoraLayer):
         return self.lora_A.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            base = self.base_layer
+            return fused_lora_linear(x, base.weight, base.bias, self.lora_A.weight,
+                                     self.lora_B.weight, self.scaling)
         result = self.base_layer(x)
         lora_x = x if self.lora_dropout is None or not self.training else self.lora_dropout(x)
         if lora_x.dtype != self.lora_A.weight.dtype:
@@ -299,6 +304,13 @@ class LoraLinear(LoraLayer):
         if not self.use_dora:
             return _add_scaled(result, lora_out, self.scaling)
         return self._dora_forward(x, lora_x, result, lora_out)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Plain LoRA, no active dropout, an ordinary nn.Linear base, one dtype: one fused node
+        (lora_fused.py) instead of four modules' worth of autograd."""
+        return (not self.use_dora and (self.lora_dropout is None or not self.training)
+                and type(self.base_layer) is nn.Linear
+                and can_fuse(x, self.base_layer.weight, self.lora_A.weight))
 
     def _dora_forward(self, x: torch.Tensor, lora_x: torch.Tensor, result: torch.Tensor,
                       lora_out: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,17 @@ Works for every architecture whose attention layers read `past_key_values` — d
 Llama, and BERT-style encoders, whose self-attention in transformers 5 also uses a passed cache.
 Saved as PEFT's PREFIX_TUNING adapter: `prompt_embeddings` of shape
 (p, num_layers * 2 * token_dim) — the MLP's output when `prefix_projection` is on.
+
+Initialisation: PEFT's random N(0, 1) (the default), zeros, or `init_weights="text"` — the keys
+and values the frozen model itself computes for a short text (Li & Liang's "activations of real
+words"), so the untrained model behaves exactly as if that text preceded every input.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import math
 
 import torch
 from torch import nn
@@ -26,16 +32,18 @@ from deltatune.errors import ConfigError
 from deltatune.methods.virtual_tokens import (ModelShape, VirtualTokenConfig, VirtualTokenEncoder,
                                               VirtualTokenHandle, VirtualTokenHooks,
                                               embedding_device_and_dtype, extend_attention_mask,
-                                              folded_embedding, input_embeddings, install,
-                                              model_shape)
+                                              find_backbone, folded_embedding, input_embeddings,
+                                              install, model_shape)
 
 
 @dataclass
 class PrefixTuningConfig(VirtualTokenConfig):
     """`prefix_projection`: train the prefixes through an MLP (embedding (p, token_dim) ->
     Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(.., num_layers*2*token_dim));
-    `encoder_hidden_size` defaults to `token_dim`. `init_weights="zero"` starts the prefixes at
-    zero (PEFT's option); the default is PEFT's random N(0, 1) embedding init."""
+    `encoder_hidden_size` defaults to `token_dim`. `init_weights`: unset = PEFT's random N(0, 1)
+    embedding init, "zero" = PEFT's zero init, "text" = the model's own keys/values for
+    `init_text` (tokenized by `prepare(tokenizer)`, or pass `init_token_ids`; repeated or
+    truncated to p tokens)."""
 
     method_name: ClassVar[str] = "prefix"
     peft_type: ClassVar[str] = "PREFIX_TUNING"
@@ -43,14 +51,30 @@ class PrefixTuningConfig(VirtualTokenConfig):
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init_weights: str | None = None
+    init_text: str | None = None
+    init_token_ids: list[int] | None = None
 
     def validate(self) -> None:
         super().validate()
-        if self.init_weights not in (None, "zero"):
-            raise ConfigError(f"prefix: init_weights must be unset or 'zero', got "
+        if self.init_weights not in (None, "zero", "text"):
+            raise ConfigError(f"prefix: init_weights must be unset, 'zero' or 'text', got "
                               f"'{self.init_weights}'")
+        if self.init_weights == "text":
+            if not self.init_text and not self.init_token_ids:
+                raise ConfigError("prefix: init_weights='text' needs init_text (e.g. "
+                                  "init_text='You are a helpful assistant.')")
+            if self.prefix_projection:
+                raise ConfigError("prefix: init_weights='text' sets the prefixes directly, but "
+                                  "with prefix_projection they are the MLP's output; turn one off")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             raise ConfigError("prefix: encoder_hidden_size must be >= 1")
+
+    def prepare(self, tokenizer: Any) -> None:
+        if self.init_weights != "text" or self.init_token_ids:
+            return
+        self.validate()
+        # No [CLS]/BOS: the prefix is a text *before* the input, which brings its own.
+        self.init_token_ids = list(tokenizer(self.init_text, add_special_tokens=False)["input_ids"])
 
     def model_dims(self, shape: ModelShape) -> dict[str, int]:
         return {"token_dim": shape.num_key_value_heads * shape.head_dim,
@@ -61,9 +85,11 @@ class PrefixTuningConfig(VirtualTokenConfig):
         return {"encoder_hidden_size": self.encoder_hidden_size or dims["token_dim"]}
 
     def peft_fields(self) -> dict[str, Any]:
+        # PEFT knows no text init; the trained prefixes are in the weights file, so none is needed.
+        init_weights = None if self.init_weights == "text" else self.init_weights
         return {"prefix_projection": self.prefix_projection,
                 "encoder_hidden_size": self.encoder_hidden_size,
-                "init_weights": self.init_weights}
+                "init_weights": init_weights}
 
 
 class PrefixEncoder(VirtualTokenEncoder):
@@ -146,10 +172,38 @@ class PrefixHooks(VirtualTokenHooks):
         return prefixes.permute(1, 2, 3, 0, 4).unsqueeze(2)
 
 
+def text_prefixes(model: nn.Module, config: PrefixTuningConfig) -> torch.Tensor:
+    """(p, num_layers * 2 * token_dim): the keys and values the frozen model computes for the
+    init text, laid out as `layer_prefixes` reads them. The keys carry the rotary/absolute
+    positions 0..p-1, where the prefix sits, so the model sees exactly that text before its input."""
+    if not config.init_token_ids:
+        raise ConfigError("prefix: init_weights='text' needs the text tokenized: call "
+                          "config.prepare(tokenizer) before apply, or pass init_token_ids")
+    p = config.num_virtual_tokens
+    ids = list(config.init_token_ids)
+    ids = (ids * math.ceil(p / len(ids)))[:p]
+    backbone = find_backbone(model)
+    device = input_embeddings(backbone).weight.device
+    cache = DynamicCache(config=backbone.config)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        backbone(input_ids=torch.tensor([ids], device=device), past_key_values=cache,
+                 use_cache=True)
+    backbone.train(was_training)
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+    # (L, 2, heads, p, head_dim) -> (p, L, 2, heads, head_dim), the flat order of the saved file.
+    stacked = torch.stack(per_layer).permute(3, 0, 1, 2, 4)
+    return stacked.reshape(p, -1)
+
+
 def apply_prefix(model: nn.Module, config: PrefixTuningConfig) -> VirtualTokenHandle:
     """Freezes `model` and adds trainable key/value prefixes to every attention layer."""
     config = config.resolve(model)
     device, dtype = embedding_device_and_dtype(model)
     encoder = PrefixEncoder(config, device, dtype)
+    if config.init_weights == "text":
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(text_prefixes(model, config))
     return install(model, config, encoder, PrefixHooks,
                    shape=model_shape(model, config.method_name))

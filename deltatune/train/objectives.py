@@ -201,6 +201,15 @@ def _module_cross_entropy_sum(head: nn.Module, hidden: Tensor, targets: Tensor) 
                            reduction="sum")
 
 
+def _chunk_logits(chunk: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """chunk @ weight.T + bias written into `out` (already in the accumulation dtype)."""
+    if chunk.dtype == weight.dtype == out.dtype:
+        if bias is None:
+            return torch.mm(chunk, weight.t(), out=out)
+        return torch.addmm(bias.to(out.dtype), chunk, weight.t(), out=out)
+    return out.copy_(F.linear(chunk, weight, bias))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T + bias`. The forward pass computes each chunk's
     softmax once and turns it straight into the gradients (hidden: (N, hidden) kept; weight and
@@ -218,16 +227,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
+        # One logits buffer for all chunks: a fresh (chunk x vocab) tensor per chunk is larger
+        # than glibc's mmap ceiling (32 MB for 256 x 49k fp32), so every chunk would fault its
+        # pages in anew (~300k page faults per step measured).
+        buffer = torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=accumulate,
+                             device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             chunk, chunk_targets = hidden[rows], targets[rows]
-            logits = F.linear(chunk, weight, bias).to(accumulate)
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            logits = _chunk_logits(chunk, weight, bias, buffer[:chunk.shape[0]])
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            # Softmax in place in the buffer: logits - max -> exp -> / sum.
+            row_max = logits.amax(dim=-1)
+            exp_sum = logits.sub_(row_max[:, None]).exp_().sum(dim=-1)
+            total += (row_max + exp_sum.log() - target_logits).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
-            # d(sum CE)/d logits = softmax - one_hot, built in place in the logits buffer.
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            # d(sum CE)/d logits = softmax - one_hot.
+            grad_logits = logits.div_(exp_sum[:, None])
             grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
             if need_hidden:
                 torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[rows])

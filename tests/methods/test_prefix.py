@@ -16,10 +16,10 @@ from deltatune.errors import ConfigError, MergeNotSupportedError
 from deltatune.methods.prefix import PrefixTuningConfig
 from tests.conftest import tiny_bert, tiny_llama
 from tests.methods.virtual_token_helpers import (
-    TOLERANCE, assert_greedy_generation_matches_full_forward, assert_left_padding_invariant,
-    assert_unchanged_except, causal_lm_batch, causal_lm_loss, classification_batch,
-    classification_loss, cls_logits, lm_logits, peft_lm_logits, perturb_trainable, snapshot,
-    train_steps)
+    assert_generation_matches_peft, assert_we_load_peft_adapter, TOLERANCE,
+    assert_left_padding_invariant, assert_unchanged_except, causal_lm_batch, causal_lm_loss,
+    classification_batch, classification_loss, cls_logits, lm_logits, peft_lm_logits,
+    perturb_trainable, snapshot, train_steps)
 
 P = 3
 # tiny Llama: 2 layers, 2 key/value heads of dim 8 -> token_dim 16, flat width 2 * 2 * 16.
@@ -137,31 +137,13 @@ def test_peft_loads_our_classification_adapter(tmp_path):
 @pytest.mark.parametrize("task,projection", [("causal", False), ("causal", True),
                                              ("classification", True)])
 def test_we_load_a_peft_adapter(tmp_path, task, projection):
-    make, logits_of = (tiny_llama, lm_logits) if task == "causal" else (tiny_bert, cls_logits)
-    batch = causal_lm_batch() if task == "causal" else classification_batch()
-    peft_model = peft.get_peft_model(make(), peft.PrefixTuningConfig(
-        task_type="CAUSAL_LM" if task == "causal" else "SEQ_CLS", num_virtual_tokens=P,
-        prefix_projection=projection)).eval()
-    perturb_trainable(peft_model)
-    peft_model.save_pretrained(str(tmp_path))
-    expected = (peft_lm_logits(peft_model, batch) if task == "causal"
-                else cls_logits(peft_model, batch))
-    model = make()
-    deltatune.load_adapter(model, tmp_path)
-    torch.testing.assert_close(logits_of(model, batch), expected, atol=TOLERANCE, rtol=0)
-    assert (expected - logits_of(make(), batch)).abs().max() > 1e-3  # the prefix is in effect
+    assert_we_load_peft_adapter(peft.PrefixTuningConfig, task, tmp_path, num_virtual_tokens=P,
+                                prefix_projection=projection)
 
 
 def test_greedy_generation_with_cache_matches_uncached_forward_and_peft(tmp_path):
     model, handle = _prefix_llama(prefix_projection=True)
-    train_steps(handle, causal_lm_loss, causal_lm_batch(), steps=3)
-    input_ids = causal_lm_batch()["input_ids"][:, :6]
-    tokens = assert_greedy_generation_matches_full_forward(model, input_ids)
-    deltatune.save_adapter(handle, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
-    peft_out = peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=tokens.shape[1], do_sample=False)
-    assert torch.equal(peft_out[:, -tokens.shape[1]:], tokens)
+    assert_generation_matches_peft(model, handle, tmp_path)
 
 
 def test_left_padded_generation_equals_unpadded():
@@ -183,3 +165,39 @@ def test_zero_init_and_refusals():
     checkpointed.train()
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         causal_lm_loss(checkpointed, causal_lm_batch())
+
+
+def test_text_init_makes_the_untrained_model_see_that_text_before_its_input():
+    text_ids = [5, 17, 42]
+    model = tiny_llama()
+    batch = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with_real_text = model(input_ids=torch.cat([torch.tensor([text_ids] * 2), batch], 1),
+                               use_cache=False).logits[:, len(text_ids):]
+    deltatune.apply(model, PrefixTuningConfig(num_virtual_tokens=P, init_weights="text",
+                                              init_token_ids=text_ids))
+    with torch.no_grad():
+        with_prefix = model(input_ids=batch).logits
+    assert torch.allclose(with_prefix, with_real_text, atol=TOLERANCE)
+
+
+def test_text_init_tokenizes_without_special_tokens_and_saves_a_peft_config(tmp_path):
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            assert add_special_tokens is False
+            return {"input_ids": [ord(c) % 128 for c in text]}
+
+    config = PrefixTuningConfig(num_virtual_tokens=P, init_weights="text", init_text="hello")
+    config.prepare(Tokenizer())
+    assert config.init_token_ids == [ord(c) % 128 for c in "hello"]
+    model = tiny_bert()
+    deltatune.save_adapter(deltatune.apply(model, config), tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PREFIX_TUNING" and saved["init_weights"] is None
+    assert peft.PeftModel.from_pretrained(tiny_bert(), tmp_path) is not None
+    with pytest.raises(ConfigError, match="needs init_text"):
+        PrefixTuningConfig(init_weights="text").validate()
+    with pytest.raises(ConfigError, match="prefix_projection"):
+        PrefixTuningConfig(init_weights="text", init_text="x", prefix_projection=True).validate()
+    with pytest.raises(ConfigError, match="prepare"):
+        deltatune.apply(tiny_llama(), PrefixTuningConfig(init_weights="text", init_text="x"))

@@ -14,9 +14,9 @@ from deltatune.errors import ConfigError, MergeNotSupportedError
 from deltatune.methods.prompt import PromptTuningConfig
 from tests.conftest import tiny_bert, tiny_llama
 from tests.methods.virtual_token_helpers import (
-    TOLERANCE, assert_greedy_generation_matches_full_forward, assert_left_padding_invariant,
-    assert_unchanged_except, causal_lm_batch, causal_lm_loss, classification_batch,
-    classification_loss, cls_logits, lm_logits, peft_lm_logits, perturb_trainable, snapshot,
+    assert_generation_matches_peft, assert_we_load_peft_adapter, TOLERANCE,
+    assert_left_padding_invariant, assert_unchanged_except, causal_lm_batch, causal_lm_loss,
+    classification_batch, classification_loss, cls_logits, lm_logits, peft_lm_logits, snapshot,
     train_steps)
 
 P = 4
@@ -142,30 +142,12 @@ def test_peft_loads_our_classification_adapter(tmp_path):
 
 @pytest.mark.parametrize("task", ["causal", "classification"])
 def test_we_load_a_peft_adapter(tmp_path, task):
-    make, logits_of = (tiny_llama, lm_logits) if task == "causal" else (tiny_bert, cls_logits)
-    batch = causal_lm_batch() if task == "causal" else classification_batch()
-    task_type = "CAUSAL_LM" if task == "causal" else "SEQ_CLS"
-    peft_model = peft.get_peft_model(make(), peft.PromptTuningConfig(
-        task_type=task_type, num_virtual_tokens=P)).eval()
-    perturb_trainable(peft_model)
-    peft_model.save_pretrained(str(tmp_path))
-    expected = (peft_lm_logits(peft_model, batch) if task == "causal"
-                else cls_logits(peft_model, batch))
-    model = make()
-    deltatune.load_adapter(model, tmp_path)
-    torch.testing.assert_close(logits_of(model, batch), expected, atol=TOLERANCE, rtol=0)
+    assert_we_load_peft_adapter(peft.PromptTuningConfig, task, tmp_path, num_virtual_tokens=P)
 
 
 def test_greedy_generation_with_cache_matches_uncached_forward_and_peft(tmp_path):
     model, handle = _prompt_llama()
-    train_steps(handle, causal_lm_loss, causal_lm_batch(), steps=3)
-    input_ids = causal_lm_batch()["input_ids"][:, :6]
-    tokens = assert_greedy_generation_matches_full_forward(model, input_ids)
-    deltatune.save_adapter(handle, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
-    peft_out = peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=tokens.shape[1], do_sample=False)
-    assert torch.equal(peft_out[:, -tokens.shape[1]:], tokens)
+    assert_generation_matches_peft(model, handle, tmp_path)
 
 
 def test_left_padded_generation_equals_unpadded():

@@ -140,3 +140,45 @@ def assert_left_padding_invariant(model: nn.Module, new_tokens: int = 3) -> None
     assert torch.equal(batched.sequences[1, 4:], alone.sequences[0, 2:])
     for step_batched, step_alone in zip(batched.logits, alone.logits):
         torch.testing.assert_close(step_batched[1], step_alone[0], atol=TOLERANCE, rtol=0)
+
+
+def assert_we_load_peft_adapter(peft_config_class, task: str, tmp_path, **options) -> torch.Tensor:
+    """A PEFT adapter (trainable tensors perturbed) saved by PEFT loads in deltatune with the
+    same logits, on the tiny Llama (`task="causal"`) or the tiny BERT classifier. Returns them."""
+    import peft
+
+    from deltatune.methods.adapter_io import load_adapter
+    from tests.conftest import tiny_bert, tiny_llama
+
+    make, logits_of = (tiny_llama, lm_logits) if task == "causal" else (tiny_bert, cls_logits)
+    batch = causal_lm_batch() if task == "causal" else classification_batch()
+    task_type = "CAUSAL_LM" if task == "causal" else "SEQ_CLS"
+    peft_model = peft.get_peft_model(make(), peft_config_class(task_type=task_type,
+                                                               **options)).eval()
+    perturb_trainable(peft_model)
+    peft_model.save_pretrained(str(tmp_path))
+    expected = (peft_lm_logits(peft_model, batch) if task == "causal"
+                else cls_logits(peft_model, batch))
+    model = make()
+    load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits_of(model, batch), expected, atol=TOLERANCE, rtol=0)
+    assert (expected - logits_of(make(), batch)).abs().max() > 1e-3  # the adapter is in effect
+    return expected
+
+
+def assert_generation_matches_peft(model: nn.Module, handle: MethodHandle, tmp_path) -> None:
+    """After a few training steps, cached greedy generation equals an uncached forward, and
+    PEFT, loading the saved adapter, generates the same tokens."""
+    import peft
+
+    from deltatune.methods.adapter_io import save_adapter
+    from tests.conftest import tiny_llama
+
+    train_steps(handle, causal_lm_loss, causal_lm_batch(), steps=3)
+    input_ids = causal_lm_batch()["input_ids"][:, :6]
+    tokens = assert_greedy_generation_matches_full_forward(model, input_ids)
+    save_adapter(handle, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    peft_out = peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=tokens.shape[1], do_sample=False)
+    assert torch.equal(peft_out[:, -tokens.shape[1]:], tokens)
