@@ -177,6 +177,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # -- argument parsing --------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has one: train flags default to None because the
+    value then comes from --config or the run spec's defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a model with a method and write a run directory",
@@ -184,7 +194,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "the packaged SmolLM2-135M-Instruct, learning the built-in 'dates' task (normalise "
         "dates to ISO 8601), with exact match before and after (quickstart preset: LoRA r=16 "
         "on all linear layers, lr 1e-3, 400 generated examples). Flags override --config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--config", help="YAML run config (see examples/); flags override it")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="known name (see `deltatune models`), local folder or hub id")
