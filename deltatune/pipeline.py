@@ -7,10 +7,9 @@ import dataclasses
 import random
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,9 +30,8 @@ from deltatune.spec import RunSpec
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import BatchSource, train
 from deltatune.train.objectives import CausalLMObjective, ClassificationObjective
-from deltatune.train.fused_mlp import unfuse_gated_mlps
 from deltatune.train.run_dir import RunDirectory, default_run_name
-from deltatune.train.speed import SpeedOptions, apply_speed_options, set_threads
+from deltatune.train.speed import SpeedOptions, set_threads, speed_options_applied
 
 # Names of a freshly initialised task head, per architecture family; it must train with any
 # method, so it is added to `modules_to_save` when the user did not say otherwise.
@@ -141,24 +139,12 @@ def uses_packing(spec: RunSpec, handle: MethodHandle) -> bool:
             and handle.config.supports_packing)
 
 
-@contextmanager
-def training_speed_options(spec: RunSpec, job: "TrainingJob") -> Iterator[None]:
-    """The speed switches of `spec.train` for the training loop only: evaluation and generation
-    afterwards run the model's usual attention, without checkpointing."""
-    model = job.loaded.model
-    attention = model.config._attn_implementation
+def training_speed_options(spec: RunSpec, job: "TrainingJob"):
+    """The speed switches of `spec.train`, for the training loop only (a context manager)."""
     options = SpeedOptions(packed_attention=uses_packing(spec, job.handle),
                            activation_checkpointing=spec.train.activation_checkpointing,
                            compile=spec.train.compile, allocator=spec.train.allocator)
-    apply_speed_options(model, options)
-    try:
-        yield
-    finally:
-        unfuse_gated_mlps(model)
-        if options.packed_attention:
-            model.set_attn_implementation(attention)
-        if options.activation_checkpointing:
-            model.activation_checkpointing_disable()
+    return speed_options_applied(job.loaded.model, options)
 
 
 def bytes_on_disk(path: Path) -> int:

@@ -22,8 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import math
-
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -33,7 +31,7 @@ from deltatune.methods.virtual_tokens import (ModelShape, VirtualTokenConfig, Vi
                                               VirtualTokenHandle, VirtualTokenHooks,
                                               embedding_device_and_dtype, extend_attention_mask,
                                               find_backbone, folded_embedding, input_embeddings,
-                                              install, model_shape)
+                                              install, model_shape, repeat_to_length)
 
 
 @dataclass
@@ -180,8 +178,7 @@ def text_prefixes(model: nn.Module, config: PrefixTuningConfig) -> torch.Tensor:
         raise ConfigError("prefix: init_weights='text' needs the text tokenized: call "
                           "config.prepare(tokenizer) before apply, or pass init_token_ids")
     p = config.num_virtual_tokens
-    ids = list(config.init_token_ids)
-    ids = (ids * math.ceil(p / len(ids)))[:p]
+    ids = repeat_to_length(config.init_token_ids, p)
     backbone = find_backbone(model)
     device = input_embeddings(backbone).weight.device
     cache = DynamicCache(config=backbone.config)

@@ -9,7 +9,6 @@ does) or of random vocabulary tokens. Files are PEFT's PROMPT_TUNING adapters.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,7 +19,7 @@ from deltatune.errors import ConfigError
 from deltatune.methods.virtual_tokens import (InputTokenHooks, VirtualTokenConfig,
                                               VirtualTokenEncoder, VirtualTokenHandle,
                                               embedding_device_and_dtype, find_backbone,
-                                              input_embeddings, install)
+                                              input_embeddings, install, repeat_to_length)
 
 INIT_CHOICES = ("random", "text", "sample_vocab")
 
@@ -105,8 +104,7 @@ def initial_token_ids(config: PromptTuningConfig, vocab_size: int) -> list[int] 
     if not config.init_token_ids:
         raise ConfigError("prompt: init='text' needs the text tokenized: call "
                           "config.prepare(tokenizer) before apply, or pass init_token_ids")
-    ids = list(config.init_token_ids)
-    return (ids * math.ceil(p / len(ids)))[:p]
+    return repeat_to_length(config.init_token_ids, p)
 
 
 def apply_prompt(model: nn.Module, config: PromptTuningConfig) -> VirtualTokenHandle:

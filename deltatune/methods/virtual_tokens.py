@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -469,6 +470,11 @@ def install(model: nn.Module, config: VirtualTokenConfig, encoder: VirtualTokenE
                         **hook_options)
     config = dataclasses.replace(config, modules_to_save=saved)
     return VirtualTokenHandle(model, config, hooks, saved_modules)
+
+
+def repeat_to_length(token_ids: list[int], length: int) -> list[int]:
+    """PEFT's rule for text initialisation: the text's tokens repeated, then cut, to `length`."""
+    return (list(token_ids) * math.ceil(length / len(token_ids)))[:length]
 
 
 def embedding_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

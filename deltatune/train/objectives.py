@@ -227,9 +227,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
-        # One logits buffer for all chunks: a fresh (chunk x vocab) tensor per chunk is larger
-        # than glibc's mmap ceiling (32 MB for 256 x 49k fp32), so every chunk would fault its
-        # pages in anew (~300k page faults per step measured).
+        # One logits buffer for all chunks, softmax computed in place in it: no fresh
+        # (chunk x vocab) tensor per chunk, and no logsumexp temporary of the same size.
         buffer = torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=accumulate,
                              device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):

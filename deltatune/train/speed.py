@@ -11,13 +11,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.train.fused_mlp import fuse_gated_mlps
+from deltatune.train.fused_mlp import fuse_gated_mlps, unfuse_gated_mlps
 from deltatune.train.packed_attention import enable_packed_attention
 
 
@@ -47,6 +49,24 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions) -> None:
         enable_activation_checkpointing(model, options.checkpoint_every_n_layers)
     if options.compile:
         compile_decoder_layers(model)
+
+
+@contextmanager
+def speed_options_applied(model: nn.Module, options: SpeedOptions) -> Iterator[None]:
+    """`apply_speed_options` for the duration of the block, then the model's own attention,
+    MLP forward and (no) checkpointing again, so evaluation and generation afterwards run the
+    model as loaded. Compiled layers stay compiled (same outputs); the allocator policy is
+    process-wide and stays."""
+    attention = model.config._attn_implementation
+    apply_speed_options(model, options)
+    try:
+        yield
+    finally:
+        unfuse_gated_mlps(model)
+        if options.packed_attention:
+            model.set_attn_implementation(attention)
+        if options.activation_checkpointing:
+            model.activation_checkpointing_disable()
 
 
 def enable_activation_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:

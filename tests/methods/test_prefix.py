@@ -16,9 +16,9 @@ from deltatune.errors import ConfigError, MergeNotSupportedError
 from deltatune.methods.prefix import PrefixTuningConfig
 from tests.conftest import tiny_bert, tiny_llama
 from tests.methods.virtual_token_helpers import (
-    assert_generation_matches_peft, assert_we_load_peft_adapter, TOLERANCE,
-    assert_left_padding_invariant, assert_unchanged_except, causal_lm_batch, causal_lm_loss,
-    classification_batch, classification_loss, cls_logits, lm_logits, peft_lm_logits,
+    TOLERANCE, assert_generation_matches_peft, assert_left_padding_invariant,
+    assert_peft_loads_our_adapter, assert_unchanged_except, assert_we_load_peft_adapter,
+    causal_lm_batch, causal_lm_loss, classification_batch, classification_loss, lm_logits,
     perturb_trainable, snapshot, train_steps)
 
 P = 3
@@ -114,24 +114,14 @@ def test_saved_tensor_is_the_projected_prefix_and_loading_folds_it(tmp_path):
 @pytest.mark.parametrize("projection", [False, True])
 def test_peft_loads_our_causal_lm_adapter(tmp_path, projection):
     model, handle = _prefix_llama(prefix_projection=projection)
-    train_steps(handle, causal_lm_loss, causal_lm_batch(), steps=3)
-    deltatune.save_adapter(handle, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
-    batch = causal_lm_batch()
-    torch.testing.assert_close(peft_lm_logits(peft_model, batch), lm_logits(model, batch),
-                               atol=TOLERANCE, rtol=0)
+    assert_peft_loads_our_adapter(model, handle, "causal", tmp_path)
 
 
 def test_peft_loads_our_classification_adapter(tmp_path):
     model = tiny_bert()
     handle = deltatune.apply(model, PrefixTuningConfig(num_virtual_tokens=P,
                                                        prefix_projection=True))
-    train_steps(handle, classification_loss, classification_batch(), steps=3)
-    deltatune.save_adapter(handle, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
-    batch = classification_batch()
-    torch.testing.assert_close(cls_logits(peft_model, batch), cls_logits(model, batch),
-                               atol=TOLERANCE, rtol=0)
+    assert_peft_loads_our_adapter(model, handle, "classification", tmp_path)
 
 
 @pytest.mark.parametrize("task,projection", [("causal", False), ("causal", True),

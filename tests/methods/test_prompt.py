@@ -14,10 +14,10 @@ from deltatune.errors import ConfigError, MergeNotSupportedError
 from deltatune.methods.prompt import PromptTuningConfig
 from tests.conftest import tiny_bert, tiny_llama
 from tests.methods.virtual_token_helpers import (
-    assert_generation_matches_peft, assert_we_load_peft_adapter, TOLERANCE,
-    assert_left_padding_invariant, assert_unchanged_except, causal_lm_batch, causal_lm_loss,
-    classification_batch, classification_loss, cls_logits, lm_logits, peft_lm_logits, snapshot,
-    train_steps)
+    TOLERANCE, assert_generation_matches_peft, assert_left_padding_invariant,
+    assert_peft_loads_our_adapter, assert_unchanged_except, assert_we_load_peft_adapter,
+    causal_lm_batch, causal_lm_loss, classification_batch, classification_loss, cls_logits,
+    lm_logits, snapshot, train_steps)
 
 P = 4
 
@@ -120,12 +120,7 @@ def test_save_load_round_trip_and_file_format(tmp_path):
 
 def test_peft_loads_our_causal_lm_adapter(tmp_path):
     model, handle = _prompt_llama()
-    train_steps(handle, causal_lm_loss, causal_lm_batch(), steps=3)
-    deltatune.save_adapter(handle, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
-    batch = causal_lm_batch()
-    torch.testing.assert_close(peft_lm_logits(peft_model, batch), lm_logits(model, batch),
-                               atol=TOLERANCE, rtol=0)
+    assert_peft_loads_our_adapter(model, handle, "causal", tmp_path)
 
 
 def test_peft_loads_our_classification_adapter(tmp_path):

@@ -182,3 +182,23 @@ def assert_generation_matches_peft(model: nn.Module, handle: MethodHandle, tmp_p
     peft_out = peft_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    max_new_tokens=tokens.shape[1], do_sample=False)
     assert torch.equal(peft_out[:, -tokens.shape[1]:], tokens)
+
+
+def assert_peft_loads_our_adapter(model: nn.Module, handle: MethodHandle, task: str,
+                                  tmp_path) -> None:
+    """After a few training steps, PEFT loads the adapter deltatune saved (on a fresh tiny
+    Llama for `task="causal"`, a fresh tiny BERT classifier otherwise) and gives its logits."""
+    import peft
+
+    from deltatune.methods.adapter_io import save_adapter
+    from tests.conftest import tiny_bert, tiny_llama
+
+    causal = task == "causal"
+    batch = causal_lm_batch() if causal else classification_batch()
+    train_steps(handle, causal_lm_loss if causal else classification_loss, batch, steps=3)
+    save_adapter(handle, tmp_path)
+    base = tiny_llama() if causal else tiny_bert()
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    expected = peft_lm_logits(peft_model, batch) if causal else cls_logits(peft_model, batch)
+    actual = lm_logits(model, batch) if causal else cls_logits(model, batch)
+    torch.testing.assert_close(expected, actual, atol=TOLERANCE, rtol=0)
