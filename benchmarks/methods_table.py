@@ -5,7 +5,7 @@ Workloads (see `WORKLOADS`):
 
   sst2      MiniLM-L6 sentence classification on SST-2: the first 4,000 training sentences, one
             epoch, batch 32, max length 64, accuracy on the full dev set (872 sentences). The
-            pipeline adds the new classification head to `modules_to_save`, so every method
+            job adds the new classification head to `modules_to_save`, so every method
             also trains the head.
   identity  SmolLM2-135M-Instruct taught a new identity (shared/data/instruct/identity.json,
             chat template, name "Deltabot", author "the deltatune team"): 10 % held out,
@@ -14,7 +14,7 @@ Workloads (see `WORKLOADS`):
             "Who are you?" from the *saved* adapter loaded onto a fresh base model, and the
             fraction of them that say "Deltabot".
 
-Each (workload, method) runs `deltatune.pipeline.run_training` in its own subprocess
+Each (workload, method) runs `deltatune.jobs.run_training` in its own subprocess
 (`--one JSON`), so peak memory (peak RSS on CPU) is that run's own. Textual inversion only
 learns something when the data contains its placeholder token, so for it the data is rewritten
 to a temporary folder with "<sst2-task> " / "<deltabot-identity> " in front of every input.
@@ -175,12 +175,12 @@ def prefixed_identity(scratch: Path, token: str) -> Path:
 # -- one run (in its own process) --------------------------------------------------------------
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    from deltatune.pipeline import run_training
+    from deltatune.jobs import run_training
     from deltatune.spec import parse_run_spec
 
     spec = parse_run_spec(job["spec"])
     started = time.perf_counter()
-    summary = run_training(spec)
+    summary = run_training(spec).as_dict()
     result = {"workload": job["workload"], "key": job["key"], "summary": summary,
               "learning_rate": spec.train.learning_rate, "options": spec.method_options,
               "settings": {"epochs": spec.train.epochs, "batch_size": spec.train.batch_size,
@@ -202,14 +202,17 @@ def identity_probe(spec: Any, who_prefix: str, base_only: bool = False,
     from deltatune.data import build_datasets
     from deltatune.data.templates import render_prompt
     from deltatune.eval.evaluate import generate_texts
-    from deltatune.pipeline import data_config, load_for_inference
+    from deltatune.jobs import load_for_inference
+    from deltatune.jobs.tasks import get_task
 
     if base_only:
         loaded, _, _ = load_for_inference(spec.model, None, None)
     else:
         loaded, _, _ = load_for_inference(None, None, spec.output_dir)
     tokenizer = loaded.tokenizer
-    held_out = build_datasets(data_config(spec), tokenizer).eval
+    task = get_task(spec.task)
+    held_out = build_datasets(task.resolve_data(spec.data), tokenizer, task.encoding,
+                              spec.seed).eval
     prompts = [e["prompt_ids"] for e in held_out]
     prompts.append(render_prompt(f"{who_prefix}{WHO_ARE_YOU}", tokenizer, spec.data.template))
     answers = generate_texts(loaded.model, tokenizer, prompts, max_new_tokens=40, batch_size=8)

@@ -68,7 +68,7 @@ def run_peer(args: argparse.Namespace) -> dict:
 
 
 def run_deltatune(args: argparse.Namespace) -> dict:
-    from deltatune.pipeline import run_training
+    from deltatune.jobs import run_training
     from deltatune.spec import parse_run_spec
 
     spec = parse_run_spec({

@@ -15,7 +15,10 @@ real tokens. Sides:
 
 Workloads (smollm2-135m, fp32, CPU): "fixed" = batches of 4 x 256 random tokens, loss on every
 token; "alpaca" = the Alpaca demo data, Alpaca template, natural lengths up to 512, batches of 8
-examples, loss on responses only. Reports real (non-padding) tokens/s, peak RSS, MFU (useful model
+examples, loss on responses only. "sst2" (minilm-l6 encoder + new 2-class head, LoRA r=8 alpha 16
+on query/value, lr 1e-3, the SST-2 training sentences in order, batches of 32, max length 64,
+dropout on as in any real run): the peer is PEFT + a plain PyTorch loop with
+DataCollatorWithPadding; deltatune packs each batch's sentences into one row. Reports real (non-padding) tokens/s, peak RSS, MFU (useful model
 FLOPs per second, see ModelFlops, over the fp32 matmul peak measured at the start and the end of
 the run), the ratio
 to the peer, and the loss curves. Example:
@@ -46,7 +49,11 @@ RANK, ALPHA, LEARNING_RATE, SEED = 16, 32, 2e-4, 0
 # Matmul shapes (m, k, n) of this model's step whose best fp32 rate is taken as the machine's
 # peak for MFU (measured at the start and the end of every run, same threads as the sides).
 PEAK_SHAPES = [(2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048)]
-WORKLOADS = {"fixed": {"batch": 4, "length": 256}, "alpaca": {"batch": 8, "max_length": 512}}
+WORKLOADS = {"fixed": {"batch": 4, "length": 256}, "alpaca": {"batch": 8, "max_length": 512},
+             "sst2": {"batch": 32, "max_length": 64}}
+SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+ENCODER, ENCODER_RANK, ENCODER_ALPHA, ENCODER_LR = "minilm-l6", 8, 16, 1e-3
+ENCODER_TARGETS = ["query", "value"]
 
 
 @dataclass
@@ -89,6 +96,10 @@ VARIANTS = {
 }
 
 
+# Sides the sst2 workload has (the LM ablations do not apply to an encoder).
+CLASSIFICATION_SIDES = ("peer", "peer-reuse", "deltatune", "dt-padded", "dt-system-malloc")
+
+
 @dataclass
 class SideResult:
     side: str
@@ -121,6 +132,8 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
 
     threads = set_threads(threads)
     variant = VARIANTS[side]
+    if workload == "sst2":
+        return run_classification_side(side, variant, steps, threads)
     torch.manual_seed(SEED)
     model, tokenizer, parameters, train_step = _build(variant, chunk_size)
     _seeded_lora_init(model)
@@ -143,6 +156,115 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
         result.computed_tokens.append(computed)
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def run_classification_side(side: str, variant: Variant, steps: int,
+                            threads: int) -> SideResult:
+    """The sst2 workload: same sentences per step, same seeded head and LoRA A, both sides in
+    training mode (dropout on) and AdamW at ENCODER_LR."""
+    import torch
+
+    from deltatune.eval.memory import peak_rss_bytes
+
+    torch.manual_seed(SEED)
+    if variant.library == "peft":
+        model, tokenizer, collate = _build_classification_peer(variant)
+    else:
+        model, tokenizer, collate = _build_classification_deltatune(variant)
+    _seeded_lora_init(model)
+    _seeded_head_init(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=ENCODER_LR)
+    groups = _sst2_groups(tokenizer, steps)
+    batches = [collate(group) for group in groups]
+    from deltatune.train.objectives import ClassificationObjective
+    objective = ClassificationObjective()
+    setup_rss = _current_rss()
+    model.train()
+    result = SideResult(side, "sst2", [], [], [], [], 0, setup_rss, threads)
+    for group, batch in zip(groups, batches):
+        started = time.perf_counter()
+        loss = objective(model, batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.step_seconds.append(time.perf_counter() - started)
+        result.losses.append(loss.item())
+        result.real_tokens.append(sum(len(e["input_ids"]) for e in group))
+        result.computed_tokens.append(batch["input_ids"].numel())
+        result.model_flops.append(0.0)
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _sst2_groups(tokenizer, steps: int) -> list[list[dict]]:
+    from deltatune.data import DataConfig, build_datasets, iterate_batches
+    size = WORKLOADS["sst2"]["batch"]
+    config = DataConfig(train=str(SST2), eval=str(SST2), columns={"text": "sentence"},
+                        max_length=WORKLOADS["sst2"]["max_length"], train_limit=steps * size,
+                        eval_limit=1)
+    examples = build_datasets(config, tokenizer, "classification", SEED).train
+    return list(iterate_batches(examples, size, SEED, 0))[:steps]
+
+
+def _build_classification_peer(variant: Variant):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding)
+
+    from deltatune.models.registry import KNOWN_MODELS
+    from deltatune.train.speed import set_allocator_policy
+
+    set_allocator_policy(variant.allocator)
+    folder = KNOWN_MODELS[ENCODER].locate()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=ENCODER_RANK, lora_alpha=ENCODER_ALPHA,
+                                             lora_dropout=0.0, target_modules=ENCODER_TARGETS,
+                                             task_type="SEQ_CLS"))
+    collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def collate(group: list[dict]) -> dict:
+        features = [{k: v for k, v in e.items() if k != "label"} | {"labels": e["label"]}
+                    for e in group]
+        return dict(collator(features))
+    return model, tokenizer, collate
+
+
+def _build_classification_deltatune(variant: Variant):
+    import deltatune
+    from deltatune.data import pad_batch
+    from deltatune.data.packing import collate_packed_sequences
+    from deltatune.methods.lora import LoraConfig
+    from deltatune.models import load_model
+    from deltatune.train.speed import SpeedOptions, apply_speed_options
+
+    loaded = load_model(ENCODER, task="classification", num_labels=2)
+    deltatune.apply(loaded.model, LoraConfig(r=ENCODER_RANK, alpha=ENCODER_ALPHA, dropout=0.0,
+                                             targets=ENCODER_TARGETS,
+                                             modules_to_save=["classifier"]))
+    packed = variant.packing is not None
+    apply_speed_options(loaded.model, SpeedOptions(
+        fused_loss=False, packed_attention=packed, packed_classification=packed,
+        fused_mlp=False, allocator=variant.allocator))
+    pad = loaded.tokenizer.pad_token_id
+    collate = collate_packed_sequences if packed else (lambda group: pad_batch(group, pad))
+    return loaded.model, loaded.tokenizer, collate
+
+
+def _seeded_head_init(model) -> None:
+    """The new classification head gets the same seeded values on both sides (PEFT keeps an
+    original copy and a trained copy of it: both get them)."""
+    import torch
+    for name, parameter in model.named_parameters():
+        if ".classifier." not in f".{name}" and not name.startswith("classifier."):
+            continue
+        generator = torch.Generator().manual_seed(SEED + parameter.ndim)
+        with torch.no_grad():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02
+                            if parameter.ndim > 1 else torch.zeros(parameter.shape))
 
 
 def _current_rss() -> int:
@@ -183,18 +305,20 @@ def _build_deltatune(variant: Variant, chunk_size: int | None):
     import deltatune
     from deltatune.methods.lora import LoraConfig
     from deltatune.models import load_model
+    from deltatune.models.fused_loss import install_fused_loss
     from deltatune.train.objectives import CausalLMObjective
     from deltatune.train.speed import SpeedOptions, apply_speed_options
 
     loaded = load_model(MODEL)
     handle = deltatune.apply(loaded.model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.0,
                                                       targets=TARGETS))
+    if variant.chunked_loss and chunk_size is not None:
+        install_fused_loss(loaded.model, chunk_size)
     apply_speed_options(loaded.model, SpeedOptions(
-        packed_attention=variant.packed_attention,
+        fused_loss=variant.chunked_loss, packed_attention=variant.packed_attention,
         activation_checkpointing=variant.checkpointing, compile=variant.compile,
         fused_mlp=variant.fused_mlp, allocator=variant.allocator))
-    options = {} if chunk_size is None else {"chunk_size": chunk_size}
-    objective = CausalLMObjective(chunked=variant.chunked_loss, **options)
+    objective = CausalLMObjective()
     return (loaded.model, loaded.tokenizer, handle.trainable_parameters(),
             lambda m, b: objective(m, b).loss)
 
@@ -393,7 +517,8 @@ def print_table(summary: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all",
+                        help="all = every workload, sst2 included")
     parser.add_argument("--sides", default="peer,deltatune",
                         help=f"comma-separated, from {', '.join(VARIANTS)}; peer-flat is "
                              "alpaca only")
@@ -422,8 +547,10 @@ def main() -> None:
     for workload in workloads:
         for repeat in range(args.repeats):
             for side in sides:
-                if side == "peer-flat" and workload == "fixed":
-                    continue  # fixed-length batches have no padding to remove
+                if side == "peer-flat" and workload != "alpaca":
+                    continue  # only the alpaca workload has the peer's flattening collator
+                if workload == "sst2" and side not in CLASSIFICATION_SIDES:
+                    continue
                 result = run_in_subprocess(side, workload, args.steps, args.threads,
                                            args.chunk_size)
                 results.append(result)

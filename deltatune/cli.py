@@ -1,11 +1,15 @@
 """The `deltatune` command: train, eval, generate, models.
 
 Every subcommand has its own --help. User mistakes print one line `error: ...` with the fix and
-exit with code 2; nothing is left half-written (see deltatune.fileio)."""
+exit with code 2; nothing is left half-written (see deltatune.fileio). This module only turns
+arguments into the library's specs and requests (deltatune.spec, deltatune.jobs); nothing in the
+library imports it."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +19,7 @@ import yaml
 from deltatune.errors import ConfigError, DeltatuneError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 # flag destination -> dotted path inside RunSpec; flags override the YAML file.
 _TRAIN_FLAGS: dict[str, str] = {
@@ -36,6 +41,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "metric": "eval.metric",
     "activation_checkpointing": "train.activation_checkpointing", "compile": "train.compile",
     "allocator": "train.allocator", "threads": "train.threads",
+    "save_every": "train.save_every", "distributed": "train.distributed",
 }
 
 
@@ -131,22 +137,73 @@ def build_train_spec(args: argparse.Namespace):
 
 # -- subcommands -------------------------------------------------------------------------------
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from deltatune.pipeline import run_training
+def build_resume_spec(args: argparse.Namespace):
+    """The spec a run directory was started with; only --no-progress may change on resume."""
+    from deltatune.spec import read_run_spec
 
-    summary = run_training(build_train_spec(args))
-    print(json.dumps({k: summary[k] for k in ("baseline_metrics", "final_metrics",
-                                              "trainable_parameters", "trainable_percent",
-                                              "train_tokens_per_second", "adapter_bytes")},
-                     indent=2, default=str))
+    spec = read_run_spec(args.resume)
+    return spec.model_copy(update={"output_dir": str(args.resume),
+                                   "progress": spec.progress and not args.no_progress})
+
+
+def launch_processes(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """`deltatune train --nproc N ...` runs `torchrun --nproc_per_node=N -m deltatune train ...`."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    rest = _without_flag(list(argv), "--nproc")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "deltatune", *rest]
+    environment = dict(os.environ)
+    # Each process gets its share of the cores, not all of them each.
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(command, env=environment)
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    result, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            result.append(item)
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deltatune.jobs import run_training
+    from deltatune.train.loop import TrainingInterrupted
+
+    if args.nproc is not None and os.environ.get("WORLD_SIZE") is None:
+        return launch_processes(args, args.argv)
+    spec = build_resume_spec(args) if args.resume else build_train_spec(args)
+    try:
+        summary = run_training(spec, resume=bool(args.resume))
+    except TrainingInterrupted as interrupted:
+        run = spec.output_dir or "RUN_DIR"
+        hint = f"; continue with: deltatune train --resume {run}" if interrupted.checkpoint \
+            else "; no checkpoint was written"
+        print(f"stopped: {interrupted}{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: summary[k] for k in ("baseline_metrics", "final_metrics",
+                                                  "trainable_parameters", "trainable_percent",
+                                                  "train_tokens_per_second", "adapter_bytes")},
+                         indent=2, default=str))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.fileio import write_json
-    from deltatune.pipeline import evaluate_saved
+    from deltatune.jobs import EvalRequest, evaluate_saved
 
-    metrics = evaluate_saved(args)
+    columns = {k: str(v) for k, v in _key_values(args.column, "--column").items()}
+    request = EvalRequest(model=args.model, run=args.run, adapter=args.adapter, data=args.data,
+                          task=args.task, columns=columns, template=args.template,
+                          metric=args.metric, max_length=args.max_length, limit=args.limit,
+                          batch_size=args.batch_size, progress=not args.no_progress)
+    metrics = evaluate_saved(request)
     print(json.dumps(metrics, indent=2, default=str))
     if args.output:
         write_json(args.output, metrics)
@@ -154,9 +211,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deltatune.pipeline import generate_text
+    from deltatune.jobs import GenerateRequest, generate_text
 
-    print(generate_text(args))
+    request = GenerateRequest(prompt=args.prompt, model=args.model, run=args.run,
+                              adapter=args.adapter, system=args.system,
+                              template="none" if args.no_chat else args.template,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              seed=args.seed)
+    print(generate_text(request))
     return 0
 
 
@@ -243,6 +305,19 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU memory policy: reuse (default, fastest), release (lowest RSS), "
                         "system (glibc's default)")
     g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    g = p.add_argument_group("checkpoints and processes")
+    g.add_argument("--save-every", type=int,
+                   help="write a resumable checkpoint every N optimizer steps (Ctrl-C always "
+                        "writes one)")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest checkpoint, with the "
+                        "settings it was started with")
+    g.add_argument("--nproc", type=int,
+                   help="train on N processes (runs torchrun; same as `torchrun "
+                        "--nproc_per_node=N -m deltatune train ...`)")
+    g.add_argument("--distributed", choices=["ddp", "fsdp"],
+                   help="with several processes: ddp replicates the model (default), fsdp "
+                        "shards it (FSDP2)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps")
     g.add_argument("--early-stopping-patience", type=int,
@@ -321,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.handler(args)
     except DeltatuneError as error:
@@ -329,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

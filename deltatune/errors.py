@@ -33,3 +33,9 @@ class MergeNotSupportedError(DeltatuneError):
 
 class TrainingError(DeltatuneError):
     """Training diverged (NaN/inf loss) or cannot proceed with the given settings."""
+
+
+class AdapterStateError(DeltatuneError):
+    """An adapter operation that the handle's state (merged, disabled, scaled) forbids, or that
+    the method cannot do at all (switching off or scaling a method that keeps no delta); the
+    message says what to do instead."""

@@ -55,6 +55,13 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Appends one line; a line is written in a single call so a crash loses at most that line."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
+    """Appends one line in a single write() system call on an O_APPEND descriptor: a process
+    killed at any moment (even with SIGKILL) leaves whole lines only."""
+    data = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(descriptor, data)
+        while written < len(data):  # only on a full disk or a signal mid-write
+            written += os.write(descriptor, data[written:])
+    finally:
+        os.close(descriptor)

@@ -1,80 +1,46 @@
-"""The run specification at the CLI/YAML boundary: pydantic models validating what a user wrote
-(YAML file and/or flags) before it becomes the plain dataclasses the library uses."""
+"""The run specification at the CLI/YAML boundary. Its sections are the library's own config
+dataclasses — `data:` is `deltatune.data.DataConfig`, `train:` is
+`deltatune.train.config.TrainConfig`, `eval:` is `deltatune.eval.config.EvalConfig` — so every
+setting and its default exists once; pydantic checks what a user wrote (types, ranges, unknown
+keys) here, once, and the library receives the plain dataclasses."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deltatune.data import DataConfig
 from deltatune.errors import ConfigError
+from deltatune.eval.config import EvalConfig
+from deltatune.jobs.tasks import task_names
 from deltatune.methods import make_config
+from deltatune.train.config import TrainConfig
+
+CONFIG_FILE = "config.yaml"
 
 
-class _Strict(BaseModel):
+class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-
-class DataSpec(_Strict):
-    train: str | None = None
-    eval: str | None = None
-    builtin: str | None = None
-    builtin_train_size: int = 1000
-    builtin_eval_size: int = 100
-    columns: dict[str, str] = Field(default_factory=dict)
-    # Column mapping of the eval file when it names columns differently (default: `columns`).
-    eval_columns: dict[str, str] | None = None
-    template: Literal["alpaca", "chat", "none"] = "chat"
-    max_length: int = Field(256, ge=8)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    train_limit: int | None = Field(None, ge=1)
-    eval_limit: int | None = Field(None, ge=1)
-    label_names: list[str] | None = None
-    placeholders: dict[str, str] = Field(default_factory=dict)
-
-
-class TrainSpec(_Strict):
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    grad_clip: float | None = 1.0
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0)
-    eval_every: int | None = Field(None, ge=1)
-    log_every: int = Field(10, ge=1)
-    early_stopping_patience: int | None = Field(None, ge=1)
-    metric_for_best: str | None = None
-    greater_is_better: bool = True
-    packing: bool = True
-    # Speed switches (deltatune/train/speed.py, measured in docs/speed.md).
-    activation_checkpointing: bool = False
-    compile: bool = False
-    allocator: Literal["reuse", "release", "system"] = "reuse"
-    threads: int | None = Field(None, ge=1)
-
-
-class EvalSpec(_Strict):
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    # exact_match needs instruction data with references; perplexity works on any LM data.
-    metric: Literal["auto", "exact_match", "perplexity", "accuracy"] = "auto"
-    baseline: bool = True
-
-
-class RunSpec(_Strict):
     model: str = "smollm2-135m"
-    task: Literal["causal-lm", "classification", "text"] = "causal-lm"
+    task: str = "causal-lm"
     method: str = "lora"
     method_options: dict[str, Any] = Field(default_factory=dict)
-    data: DataSpec = Field(default_factory=DataSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in task_names():
+            raise ValueError(f"unknown task; choose one of {', '.join(task_names())}")
+        return value
 
 
 def parse_run_spec(raw: dict[str, Any]) -> RunSpec:
@@ -89,3 +55,18 @@ def parse_run_spec(raw: dict[str, Any]) -> RunSpec:
     # Fail on a wrong method name or option now, not after loading the model.
     make_config(spec.method, spec.method_options)
     return spec
+
+
+def read_run_spec(run_dir: str | Path) -> RunSpec:
+    """The spec a run directory was trained with (its config.yaml)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the "
+                          "folder `deltatune train` wrote")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return parse_run_spec(raw)

@@ -126,35 +126,48 @@ def test_speed_flags_reach_the_spec_and_unset_flags_keep_the_config(tmp_path):
 
 
 def test_speed_options_hold_for_training_only():
-    import types
-
     import deltatune
+    from deltatune.jobs.prepare import Job
+    from deltatune.jobs.tasks import get_task
     from deltatune.methods.lora import LoraConfig
-    from deltatune.pipeline import training_speed_options
+    from deltatune.models.fused_loss import FUSED_LOSS_ATTRIBUTE
     from deltatune.spec import parse_run_spec
     from deltatune.train.packed_attention import PACKED_ATTENTION
+    from deltatune.train.speed import speed_options_applied
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
-    job = types.SimpleNamespace(loaded=types.SimpleNamespace(model=model),
-                                handle=deltatune.apply(model, LoraConfig(r=2)))
+    handle = deltatune.apply(model, LoraConfig(r=2))
+
+    def job(spec):
+        loaded = type("Loaded", (), {"model": model})()
+        return Job(spec, get_task(spec.task), spec.data, None, loaded, handle, [], [], {},
+                   packs=spec.train.packing)
+
     spec = parse_run_spec({"train": {"activation_checkpointing": True}})
-    with training_speed_options(spec, job):
+    with speed_options_applied(model, job(spec).speed_options()):
         assert model.config._attn_implementation == PACKED_ATTENTION
         assert model.is_activation_checkpointing
         assert "forward" in model.model.layers[0].mlp.__dict__  # the fused gated MLP
+        assert getattr(model, FUSED_LOSS_ATTRIBUTE)  # the fused head + loss
     assert model.config._attn_implementation == "sdpa"
     assert not model.is_activation_checkpointing
     assert "forward" not in model.model.layers[0].mlp.__dict__
+    assert "forward" not in model.__dict__
     unpacked = parse_run_spec({"train": {"packing": False}})
-    with training_speed_options(unpacked, job):
+    with speed_options_applied(model, job(unpacked).speed_options()):
         assert model.config._attn_implementation == "sdpa"
 
 
-def test_speed_fields_are_not_loop_settings():
-    from deltatune.pipeline import train_config
+def test_the_spec_sections_are_the_library_dataclasses():
+    """One schema: what YAML and flags fill is the library's own config, with its defaults."""
+    from deltatune.data import DataConfig
+    from deltatune.eval.config import EvalConfig
     from deltatune.spec import parse_run_spec
+    from deltatune.train.config import TrainConfig
 
     spec = parse_run_spec({"train": {"compile": True, "threads": 2, "allocator": "release",
                                      "activation_checkpointing": True, "batch_size": 3}})
-    assert train_config(spec).batch_size == 3
+    assert type(spec.train) is TrainConfig and spec.train.batch_size == 3
+    assert type(spec.data) is DataConfig and spec.data == DataConfig()
+    assert type(spec.eval) is EvalConfig and spec.eval == EvalConfig()

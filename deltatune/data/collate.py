@@ -3,7 +3,8 @@
 The order depends only on (seed, epoch), so a run resumed at epoch e, batch b sees exactly the
 batches an uninterrupted run would (skip the first b batches of `iterate_batches(..., epoch=e)`).
 Padding is on the right; keys that are not token sequences (`prompt_ids`, `reference`) stay out
-of the tensors.
+of the tensors. `model_inputs` and `count_input_tokens` read a batch (padded or packed, see
+deltatune.data.packing) the way every objective and evaluator needs it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import torch
 
 from deltatune.errors import ConfigError
 
+# The label of a position that carries no loss (PyTorch's and transformers' convention).
 IGNORE_INDEX = -100
+# Batch keys that describe the layout of a packed batch rather than model inputs.
+PACKING_KEYS = ("segment_ids", "cu_seq_lens")
 # Sequence keys padded to the batch's longest input, with the value used for padding
 # (None: the tokenizer's pad id).
 PADDED_KEYS: dict[str, int | None] = {"input_ids": None, "labels": IGNORE_INDEX,
@@ -72,3 +76,31 @@ def num_batches(num_examples: int, batch_size: int, drop_last: bool = False) -> 
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Distinct (seed, epoch) pairs must not share a permutation; keep it in torch's 64-bit range.
     return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch entries the model takes: everything except labels and packing layout; a packed
+    batch's `cu_seq_lens` becomes the varlen keyword arguments transformers' flash-attention
+    path and deltatune's packed attention both read."""
+    inputs = {k: v for k, v in batch.items()
+              if k not in PACKING_KEYS and k not in ("labels", "label")}
+    if "cu_seq_lens" in batch:
+        inputs.update(varlen_kwargs(batch["cu_seq_lens"]))
+    return inputs
+
+
+def varlen_kwargs(cu_seq_lens: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    """Segment boundaries (cumulative lengths over the flattened batch) as attention kwargs."""
+    cu_seq_lens = cu_seq_lens.to(torch.int32)
+    longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest, "max_length_k": longest}
+
+
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens: the attention mask's ones, a packed batch's non-padding segments, or all."""
+    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
+        return int(batch["attention_mask"].sum())
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] >= 0).sum())
+    return int(batch["input_ids"].numel())

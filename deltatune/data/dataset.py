@@ -1,7 +1,11 @@
-"""The one entry point from config to training data: `build_datasets(DataConfig, tokenizer)`
-reads the records (files, a Hugging Face dataset or a built-in task), splits off an evaluation
-set when no eval file is given, applies limits, encodes them for the task and describes the
-result in `info` (counts, drops, lengths, share of tokens with loss, label names).
+"""The one entry point from config to training data: `build_datasets(DataConfig, tokenizer,
+encoding)` reads the records (files, a Hugging Face dataset or a built-in task), splits off an
+evaluation set when no eval file is given, applies limits, encodes them and describes the result
+in `info` (counts, drops, lengths, share of tokens with loss, label names).
+
+How records become examples is a `DataEncoding`: instruction data (loss on responses), sequence
+classification, or plain-text blocks. A task kind (deltatune/jobs/tasks/) names its encoding;
+`ENCODINGS` maps the task names for callers that only have a name.
 
 Splitting and limiting are deterministic from `seed`: the split shuffles record indices with
 `random.Random(seed)` (per label for classification, so rare classes land in both sets) and a
@@ -11,44 +15,47 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
 
 from deltatune.data.builtin import BUILTIN_TASKS, builtin_task
 from deltatune.data.classification import encode_classification_records, resolve_label_names
+from deltatune.data.collate import pad_batch
+from deltatune.data.packing import collate_packed, collate_packed_sequences, pack_examples
 from deltatune.data.readers import read_records, require_fields
 from deltatune.data.templates import (IGNORE_INDEX, TEMPLATES, count_unfilled_placeholders,
                                       encode_instructions, fill_placeholders)
 from deltatune.data.text import build_text_blocks
 from deltatune.errors import ConfigError, DataError
 
-TASKS = ("causal-lm", "classification", "text")
-
 
 @dataclass
 class DataConfig:
-    """Where the data comes from and how it becomes examples.
+    """Where the data comes from and how it becomes examples (the `data:` section of a run
+    config; the annotations are checked once, at the CLI/YAML boundary).
 
     `columns` maps canonical names (text, text_pair, label, instruction, input, output,
     messages) to the source's column names; `eval_columns` does the same for the eval file and
     defaults to `columns` (SST-2's dev file names its text `content`, its train file `sentence`).
-    `template` applies to causal-lm instruction data. `placeholders` fills `{{name}}`-style
-    fields (identity data). Limits keep the first N records."""
+    `template` applies to instruction data. `placeholders` fills `{{name}}`-style fields
+    (identity data). Limits keep the first N records."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     train: str | None = None
     eval: str | None = None
     builtin: str | None = None
+    builtin_train_size: Annotated[int, Field(ge=1)] = 1000
+    builtin_eval_size: Annotated[int, Field(ge=0)] = 100
     columns: dict[str, str] = field(default_factory=dict)
     eval_columns: dict[str, str] | None = None
-    template: str = "alpaca"
-    max_length: int = 512
-    eval_fraction: float = 0.1
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    seed: int = 0
-    task: str = "causal-lm"
+    template: Literal["alpaca", "chat", "none"] = "chat"
+    max_length: Annotated[int, Field(ge=8)] = 256
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    train_limit: Annotated[int, Field(ge=1)] | None = None
+    eval_limit: Annotated[int, Field(ge=1)] | None = None
     label_names: list[str] | None = None
-    builtin_train_size: int = 1000
-    builtin_eval_size: int = 100
     placeholders: dict[str, str] = field(default_factory=dict)
 
 
@@ -59,26 +66,121 @@ class Datasets:
     info: dict[str, Any]
 
 
-def build_datasets(config: DataConfig, tokenizer: Any, task: str | None = None) -> Datasets:
-    """Train and eval examples for `task` (default `config.task`) plus `info`."""
-    task = task or config.task
-    _validate(config, task)
-    train_records, eval_records, sources = _load_records(config, task)
+class DataEncoding:
+    """How records become examples for one kind of task. `stratify_by` names the field the
+    train/eval split balances; `encode` turns both splits into examples, adding to `info`;
+    `collate_padded` / `collate_packed` turn a micro-batch of its examples into tensors."""
+
+    name: ClassVar[str] = ""
+    stratify_by: ClassVar[str | None] = None
+    # False for record kinds only files provide (built-in tasks are instruction data).
+    accepts_builtin: ClassVar[bool] = False
+
+    def encode(self, train_records: list[dict], eval_records: list[dict], config: DataConfig,
+               tokenizer: Any, sources: dict, info: dict) -> tuple[list[dict], list[dict]]:
+        raise NotImplementedError
+
+    def collate_padded(self, examples: list[dict], pad_token_id: int) -> dict:
+        return pad_batch(examples, pad_token_id)
+
+    def collate_packed(self, examples: list[dict], pad_token_id: int) -> dict:
+        """All examples in one row (no padding), positions restarting per example."""
+        return collate_packed(pack_examples(examples), pad_token_id)
+
+
+class InstructionEncoding(DataEncoding):
+    """Instruction/chat records rendered with `config.template`, loss on the responses only."""
+
+    name = "instruction"
+    accepts_builtin = True
+
+    def encode(self, train_records, eval_records, config, tokenizer, sources, info):
+        info["template"] = config.template
+        info["unfilled_placeholders"] = count_unfilled_placeholders(train_records + eval_records)
+        splits = []
+        for name, records in (("train", train_records), ("eval", eval_records)):
+            examples, counts = encode_instructions(records, tokenizer, config.template,
+                                                   config.max_length, sources[f"{name}_source"])
+            info[f"{name}_dropped"] = counts["dropped"]
+            info[f"{name}_truncated"] = counts["truncated"]
+            info[f"{name}_boundary_fallbacks"] = counts["boundary_fallbacks"]
+            splits.append(examples)
+        return splits[0], splits[1]
+
+
+class ClassificationEncoding(DataEncoding):
+    """`text` (+ optional `text_pair`) and a `label` per record; labels become class indices in
+    the order `label_names` fixes (see deltatune.data.classification)."""
+
+    name = "classification"
+    stratify_by = "label"
+
+    def encode(self, train_records, eval_records, config, tokenizer, sources, info):
+        hint = " (and text_pair for sentence pairs)"
+        require_fields(train_records, ["text", "label"], sources["train_source"], hint)
+        require_fields(eval_records, ["text", "label"], sources["eval_source"], hint)
+        label_names = resolve_label_names([record["label"] for record in train_records],
+                                          config.label_names)
+        train = encode_classification_records(train_records, tokenizer, label_names,
+                                              config.max_length, sources["train_source"])
+        eval_examples = encode_classification_records(eval_records, tokenizer, label_names,
+                                                      config.max_length, sources["eval_source"])
+        if not config.label_names:
+            _check_eval_labels_seen(train, eval_examples, eval_records, label_names, sources)
+        info["label_names"] = label_names
+        info["num_labels"] = len(label_names)
+        # The tokenizer truncates silently: an example at exactly max_length counts as truncated.
+        info["train_truncated"] = sum(len(e["input_ids"]) >= config.max_length for e in train)
+        info["eval_truncated"] = sum(len(e["input_ids"]) >= config.max_length
+                                     for e in eval_examples)
+        info["train_dropped"] = info["eval_dropped"] = 0
+        return train, eval_examples
+
+    def collate_packed(self, examples: list[dict], pad_token_id: int) -> dict:
+        return collate_packed_sequences(examples)
+
+
+class TextBlockEncoding(DataEncoding):
+    """Plain `text` records concatenated and cut into `max_length` blocks (loss everywhere)."""
+
+    name = "text"
+
+    def encode(self, train_records, eval_records, config, tokenizer, sources, info):
+        require_fields(train_records, ["text"], sources["train_source"])
+        require_fields(eval_records, ["text"], sources["eval_source"])
+        return (build_text_blocks(train_records, tokenizer, config.max_length),
+                build_text_blocks(eval_records, tokenizer, config.max_length)
+                if eval_records else [])
+
+
+# Task name -> its encoding, for callers that have only a name (tests, `deltatune eval`).
+ENCODINGS: dict[str, DataEncoding] = {"causal-lm": InstructionEncoding(),
+                                      "classification": ClassificationEncoding(),
+                                      "text": TextBlockEncoding()}
+
+
+def encoding_for(encoding: DataEncoding | str) -> DataEncoding:
+    if isinstance(encoding, DataEncoding):
+        return encoding
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"unknown task {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    return ENCODINGS[encoding]
+
+
+def build_datasets(config: DataConfig, tokenizer: Any,
+                   encoding: DataEncoding | str = "causal-lm", seed: int = 0) -> Datasets:
+    """Train and eval examples encoded by `encoding` (an object or a task name), plus `info`."""
+    encoding = encoding_for(encoding)
+    _validate(config, encoding)
+    train_records, eval_records, sources = _load_records(config, encoding, seed)
     if config.placeholders:
         train_records = fill_placeholders(train_records, config.placeholders)
         eval_records = fill_placeholders(eval_records, config.placeholders)
-    info: dict[str, Any] = {"task": task, "max_length": config.max_length, **sources,
-                            "train_records": len(train_records),
+    info: dict[str, Any] = {"encoding": encoding.name, "max_length": config.max_length,
+                            **sources, "train_records": len(train_records),
                             "eval_records": len(eval_records)}
-    if task == "causal-lm":
-        train, eval_examples = _encode_instruction_splits(train_records, eval_records, config,
-                                                          tokenizer, sources, info)
-    elif task == "classification":
-        train, eval_examples = _encode_classification_splits(train_records, eval_records,
-                                                             config, tokenizer, sources, info)
-    else:
-        train, eval_examples = _encode_text_splits(train_records, eval_records, config,
-                                                   tokenizer, sources)
+    train, eval_examples = encoding.encode(train_records, eval_records, config, tokenizer,
+                                           sources, info)
     if not train:
         raise DataError(f"no training examples are left from {sources['train_source']} after "
                         f"encoding with max_length={config.max_length}; raise max_length")
@@ -87,28 +189,28 @@ def build_datasets(config: DataConfig, tokenizer: Any, task: str | None = None) 
     return Datasets(train, eval_examples, info)
 
 
-def discover_label_names(config: DataConfig) -> list[str]:
+def discover_label_names(config: DataConfig, seed: int = 0) -> list[str]:
     """The class names `build_datasets` will report for a classification config, known before
     the model (and its head size) is loaded: `config.label_names`, else derived from the
     training records after the same split and limits."""
     if config.label_names:
         return resolve_label_names([], config.label_names)
-    _validate(config, "classification")
-    train_records, _, sources = _load_records(config, "classification")
-    require_fields(train_records, ["label"], sources["train_source"])
+    encoding = ENCODINGS["classification"]
+    _validate(config, encoding)
+    train_records, _, sources = _load_records(config, encoding, seed)
+    require_fields(train_records, ["label"], sources["train_source"],
+                   " (map it with --column label=NAME)")
     return resolve_label_names([record["label"] for record in train_records])
 
 
-def _validate(config: DataConfig, task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+def _validate(config: DataConfig, encoding: DataEncoding) -> None:
     if config.template not in TEMPLATES:
         raise ConfigError(f"unknown template {config.template!r}; choose one of "
                           f"{', '.join(TEMPLATES)}")
     if (config.train is None) == (config.builtin is None):
         raise ConfigError("give exactly one of data.train (a file or hf:NAME) and data.builtin "
                           f"(one of {', '.join(sorted(BUILTIN_TASKS))})")
-    if config.builtin is not None and task != "causal-lm":
+    if config.builtin is not None and not encoding.accepts_builtin:
         raise ConfigError(f"built-in task {config.builtin!r} is instruction data; use it with "
                           "task causal-lm")
     if not 0 <= config.eval_fraction < 1:
@@ -121,10 +223,11 @@ def _validate(config: DataConfig, task: str) -> None:
             raise ConfigError(f"{name} must be a positive number of records, got {value}")
 
 
-def _load_records(config: DataConfig, task: str) -> tuple[list[dict], list[dict], dict]:
+def _load_records(config: DataConfig, encoding: DataEncoding,
+                  seed: int) -> tuple[list[dict], list[dict], dict]:
     if config.builtin is not None:
-        train, eval_records = builtin_task(config.builtin, config.seed,
-                                           config.builtin_train_size, config.builtin_eval_size)
+        train, eval_records = builtin_task(config.builtin, seed, config.builtin_train_size,
+                                           config.builtin_eval_size)
         sources = {"train_source": f"builtin:{config.builtin}",
                    "eval_source": f"builtin:{config.builtin}"}
         if config.eval is not None:
@@ -137,9 +240,8 @@ def _load_records(config: DataConfig, task: str) -> tuple[list[dict], list[dict]
             eval_records = read_records(config.eval, _eval_columns(config))
             sources["eval_source"] = config.eval
         else:
-            stratify = "label" if task == "classification" else None
-            train, eval_records = split_records(train, config.eval_fraction, config.seed,
-                                                stratify)
+            train, eval_records = split_records(train, config.eval_fraction, seed,
+                                                encoding.stratify_by)
             sources["eval_source"] = f"{config.eval_fraction:g} of {config.train}"
     # Limits take the first rows, as papers and the CLI help state ("the first 4,000 sentences");
     # `sample_records` is there for a random subset instead.
@@ -183,47 +285,6 @@ def sample_records(records: list[dict], limit: int | None, seed: int) -> list[di
     return [record for index, record in enumerate(records) if index in keep]
 
 
-def _encode_instruction_splits(train_records: list[dict], eval_records: list[dict],
-                               config: DataConfig, tokenizer: Any, sources: dict,
-                               info: dict) -> tuple[list[dict], list[dict]]:
-    info["template"] = config.template
-    info["unfilled_placeholders"] = count_unfilled_placeholders(train_records + eval_records)
-    splits = []
-    for name, records in (("train", train_records), ("eval", eval_records)):
-        examples, counts = encode_instructions(records, tokenizer, config.template,
-                                               config.max_length, sources[f"{name}_source"])
-        info[f"{name}_dropped"] = counts["dropped"]
-        info[f"{name}_truncated"] = counts["truncated"]
-        info[f"{name}_boundary_fallbacks"] = counts["boundary_fallbacks"]
-        splits.append(examples)
-    return splits[0], splits[1]
-
-
-def _encode_classification_splits(train_records: list[dict], eval_records: list[dict],
-                                  config: DataConfig, tokenizer: Any, sources: dict,
-                                  info: dict) -> tuple[list[dict], list[dict]]:
-    hint = " (and text_pair for sentence pairs)"
-    require_fields(train_records, ["text", "label"], sources["train_source"], hint)
-    require_fields(eval_records, ["text", "label"], sources["eval_source"], hint)
-    label_names = resolve_label_names([record["label"] for record in train_records],
-                                      config.label_names)
-    train = encode_classification_records(train_records, tokenizer, label_names,
-                                          config.max_length, sources["train_source"])
-    eval_examples = encode_classification_records(eval_records, tokenizer, label_names,
-                                                  config.max_length, sources["eval_source"])
-    if not config.label_names:
-        _check_eval_labels_seen(train, eval_examples, eval_records, label_names, sources)
-    info["label_names"] = label_names
-    info["num_labels"] = len(label_names)
-    # The tokenizer truncates silently: an example at exactly max_length counts as truncated.
-    info["train_truncated"] = sum(len(example["input_ids"]) >= config.max_length
-                                  for example in train)
-    info["eval_truncated"] = sum(len(example["input_ids"]) >= config.max_length
-                                 for example in eval_examples)
-    info["train_dropped"] = info["eval_dropped"] = 0
-    return train, eval_examples
-
-
 def _check_eval_labels_seen(train: list[dict], eval_examples: list[dict],
                             eval_records: list[dict], label_names: list[str],
                             sources: dict) -> None:
@@ -234,15 +295,6 @@ def _check_eval_labels_seen(train: list[dict], eval_examples: list[dict],
                             f"{eval_records[index]['label']!r} never occurs in the training data "
                             f"(training labels: {', '.join(label_names[i] for i in sorted(seen))})"
                             "; remove those examples or give label_names explicitly")
-
-
-def _encode_text_splits(train_records: list[dict], eval_records: list[dict],
-                        config: DataConfig, tokenizer: Any,
-                        sources: dict) -> tuple[list[dict], list[dict]]:
-    require_fields(train_records, ["text"], sources["train_source"])
-    require_fields(eval_records, ["text"], sources["eval_source"])
-    return (build_text_blocks(train_records, tokenizer, config.max_length),
-            build_text_blocks(eval_records, tokenizer, config.max_length) if eval_records else [])
 
 
 def _describe(name: str, examples: list[dict]) -> dict[str, Any]:

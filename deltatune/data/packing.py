@@ -18,10 +18,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from deltatune.data.collate import iterate_batches
+from deltatune.data.collate import IGNORE_INDEX, iterate_batches
 from deltatune.errors import ConfigError
 
-IGNORE_INDEX = -100
 STRATEGIES = ("ffd", "greedy")
 
 
@@ -145,6 +144,30 @@ def collate_packed(rows: Sequence[dict], pad_token_id: int,
             boundaries.append(boundaries[-1] + padding)
     batch = {key: torch.tensor(value, dtype=torch.long) for key, value in columns.items()}
     batch["cu_seq_lens"] = torch.tensor(boundaries, dtype=torch.int32)
+    return batch
+
+
+def collate_packed_sequences(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Classification examples (`input_ids`, optional `token_type_ids`, `label`) side by side
+    in one row without padding: input_ids, token_type_ids, position_ids restarting per example,
+    cu_seq_lens (int32 example boundaries) and `labels`, one class per example. The model must
+    pool each segment (deltatune.train.packed_classification)."""
+    if not examples:
+        raise ConfigError("cannot pack an empty list of examples")
+    row: dict[str, list[int]] = {"input_ids": [], "position_ids": []}
+    if "token_type_ids" in examples[0]:
+        row["token_type_ids"] = []
+    boundaries = [0]
+    for example in examples:
+        length = len(example["input_ids"])
+        row["input_ids"].extend(example["input_ids"])
+        row["position_ids"].extend(range(length))
+        if "token_type_ids" in row:
+            row["token_type_ids"].extend(example["token_type_ids"])
+        boundaries.append(boundaries[-1] + length)
+    batch = {key: torch.tensor([values], dtype=torch.long) for key, values in row.items()}
+    batch["cu_seq_lens"] = torch.tensor(boundaries, dtype=torch.int32)
+    batch["labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
     return batch
 
 

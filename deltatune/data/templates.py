@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from deltatune.data.collate import IGNORE_INDEX
 from deltatune.errors import ConfigError, DataError
 
-IGNORE_INDEX = -100
 TEMPLATES = ("alpaca", "chat", "none")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}

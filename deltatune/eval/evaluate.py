@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from deltatune.data.collate import pad_batch
 from deltatune.eval.metrics import accuracy, exact_match, macro_f1, perplexity
+from deltatune.models.fused_loss import fused_loss_installed, label_loss_sum
 
 
 def _chunks(items: Sequence[Any], size: int):
@@ -46,18 +47,18 @@ def evaluate_classification(model: torch.nn.Module, examples: list[dict], num_cl
 @torch.inference_mode()
 def evaluate_perplexity(model: torch.nn.Module, examples: list[dict], pad_token_id: int,
                         batch_size: int = 8, show_progress: bool = False) -> dict[str, float]:
-    """Perplexity over the labelled tokens (response tokens for instruction data)."""
-    from deltatune.train.objectives import CausalLMObjective
-
+    """Perplexity over the labelled tokens (response tokens for instruction data), with the
+    output head fused into the loss where exact, so no full-vocabulary logits are built."""
     was_training = model.training
     model.eval()
-    objective = CausalLMObjective()
     total_nll, tokens = 0.0, 0
-    for chunk in tqdm(list(_chunks(examples, batch_size)), desc="eval", disable=not show_progress):
-        batch = {k: v.to(_device(model)) for k, v in pad_batch(chunk, pad_token_id).items()}
-        output = objective(model, batch)
-        total_nll += output.loss.item() * output.label_tokens
-        tokens += output.label_tokens
+    with fused_loss_installed(model):
+        for chunk in tqdm(list(_chunks(examples, batch_size)), desc="eval",
+                          disable=not show_progress):
+            batch = {k: v.to(_device(model)) for k, v in pad_batch(chunk, pad_token_id).items()}
+            label_loss = label_loss_sum(model, batch)
+            total_nll += label_loss.loss_sum.item()
+            tokens += label_loss.label_tokens
     model.train(was_training)
     loss = total_nll / max(tokens, 1)
     return {"loss": loss, "perplexity": perplexity(total_nll, tokens)}
@@ -87,14 +88,14 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[list[in
                  _left_pad(chunk, tokenizer.pad_token_id).items()}
         generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=_stop_token_ids(tokenizer))
+                                   eos_token_id=stop_token_ids(tokenizer))
         new_tokens = generated[:, batch["input_ids"].shape[1]:]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     model.train(was_training)
     return outputs
 
 
-def _stop_token_ids(tokenizer: Any) -> list[int]:
+def stop_token_ids(tokenizer: Any) -> list[int]:
     """EOS plus the chat end-of-turn token when the tokenizer has one (e.g. <|im_end|>)."""
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):

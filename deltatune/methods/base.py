@@ -4,21 +4,25 @@ A method is a config dataclass (a `MethodConfig` subclass) plus an `apply_<name>
 function that changes the model in place — freezing the base and inserting delta modules that
 wrap (never subclass) the layers they change — and returns a `MethodHandle`. The handle is what
 the training loop, the adapter files and later compression steps talk to: the trainable
-parameters, the adapter weights under PEFT key names, merge/unmerge. Helpers here find target
-modules by name pattern and module type, never by model class.
+parameters, the adapter weights under PEFT key names, merge/unmerge, and switching the delta off
+(`disabled()`, the base model's outputs exactly) or scaling it (`scaled(alpha)`,
+`set_delta_scale(alpha)`: base + alpha·delta). Helpers here find target modules by name pattern
+and module type, never by model class, and read a layer's dense weight (`base_weight`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from deltatune.errors import (AdapterFormatError, ConfigError, MergeNotSupportedError,
-                              TargetNotFoundError)
+from deltatune.errors import (AdapterFormatError, AdapterStateError, ConfigError,
+                              MergeNotSupportedError, TargetNotFoundError)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -60,6 +64,13 @@ class MethodConfig:
     # True for methods that change the tokenizer: save_adapter then writes the tokenizer too.
     saves_tokenizer: ClassVar[bool] = False
 
+    # Whether `handle.disabled()` can give the base model's outputs exactly (the method keeps
+    # the base computation apart from its delta), and whether `handle.scaled(alpha)` /
+    # `set_delta_scale` are defined (the method's change is a delta that can be scaled).
+    # Generic code (KL to the original model, WiSE-FT) asks these, never method names.
+    supports_disable: ClassVar[bool] = False
+    supports_scale: ClassVar[bool] = False
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "MethodConfig":
         """Builds the config from CLI/YAML options, rejecting unknown names with the valid ones."""
@@ -85,12 +96,26 @@ class ParameterCounts:
 
 class MethodHandle:
     """What `apply` returns. Subclasses implement `state_dict`/`load_state_dict` and, where the
-    maths allows, `merge`/`unmerge`."""
+    maths allows, `merge`/`unmerge`.
 
-    def __init__(self, model: nn.Module, config: MethodConfig):
+    Switching off and scaling (where the config's `supports_disable`/`supports_scale` say so):
+    every delta module a subclass lists in `delta_modules()` carries two attributes its forward
+    obeys, `delta_enabled` (False: compute exactly what the wrapped base layer computes) and
+    `delta_scale` (the factor alpha on the delta). Base-model parameters the method trains in
+    place (`modules_to_save`, LoRA biases) are copied once at apply time (`BaseParameterBackup`)
+    and swapped in while disabled, so the base model's outputs come back exactly there too.
+    """
+
+    def __init__(self, model: nn.Module, config: MethodConfig,
+                 trained_base_parameters: Iterable[nn.Parameter] = ()):
         self.model = model
         self.config = config
         self.merged = False
+        self._disabled_depth = 0
+        self._scaled_depth = 0
+        self._delta_scale = 1.0
+        self._base_backup = (BaseParameterBackup(trained_base_parameters)
+                             if config.supports_disable else None)
 
     # -- parameters -------------------------------------------------------------------------
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -118,10 +143,29 @@ class MethodHandle:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def _check_state_access(self, operation: str) -> None:
+        """Adapter weights are read and written outside `disabled()` only: inside it the model
+        holds the original copies of the parameters it trains in place."""
+        if self.is_disabled:
+            raise AdapterStateError(
+                f"{self.config.method_name}: {operation} inside handle.disabled() would see the "
+                "original copies of the trained modules_to_save/biases; call it after the "
+                "`with handle.disabled():` block")
+
     # -- merging ----------------------------------------------------------------------------
     @property
     def can_merge(self) -> bool:
         return False
+
+    def _check_merge_allowed(self) -> None:
+        """Merging folds the persistent delta scale; inside `disabled()`/`scaled()` the
+        temporary state would be folded and then restored underneath the merged weights."""
+        if self.is_disabled or self._scaled_depth:
+            context = "handle.disabled()" if self.is_disabled else "handle.scaled(...)"
+            raise AdapterStateError(
+                f"{self.config.method_name}: merge() inside {context} is refused; merge after "
+                "the `with` block (to merge a scaled delta, call handle.set_delta_scale(alpha) "
+                "and then merge())")
 
     def merge(self) -> None:
         raise MergeNotSupportedError(
@@ -132,6 +176,105 @@ class MethodHandle:
     def unmerge(self) -> None:
         self.merge()
 
+    # -- switching off and scaling --------------------------------------------------------
+    @property
+    def supports_disable(self) -> bool:
+        return self.config.supports_disable
+
+    @property
+    def supports_scale(self) -> bool:
+        return self.config.supports_scale
+
+    @property
+    def is_disabled(self) -> bool:
+        """True inside `disabled()` (at any nesting depth)."""
+        return self._disabled_depth > 0
+
+    @property
+    def delta_scale(self) -> float:
+        """The current factor alpha on the delta (1.0 unless scaled)."""
+        return self._delta_scale
+
+    def delta_modules(self) -> list[Any]:
+        """The objects carrying `delta_enabled`/`delta_scale` (delta modules, hooks)."""
+        return []
+
+    @contextmanager
+    def disabled(self) -> Iterator["MethodHandle"]:
+        """Inside the block the model computes exactly what it computed before `apply` (the
+        delta modules run their base layer only; trained base parameters are swapped for their
+        original copies); gradients reach no adapter parameter. Nests; restores the adapter on
+        exit, also when the block raises. Refused while merged or for methods that keep no
+        delta (`supports_disable` False)."""
+        self._require("disable", "disabled()")
+        if self._disabled_depth == 0:
+            self._set_delta_enabled(False)
+        self._disabled_depth += 1
+        try:
+            yield self
+        finally:
+            self._disabled_depth -= 1
+            if self._disabled_depth == 0:
+                self._set_delta_enabled(True)
+
+    def set_delta_scale(self, alpha: float) -> None:
+        """Scales the delta persistently: outputs become base + alpha·delta (each method's
+        docstring says what its delta is). 0 gives `disabled()`'s outputs, 1 the trained
+        adapter bit for bit; negative values subtract it. Parameters trained whole in place
+        (`modules_to_save`, LoRA biases) are not a delta and stay as trained at every scale,
+        as in PEFT, so with them scale 0 is the base body under the trained head. Refused while
+        merged: unmerge, set the scale, merge again (merge folds the current scale)."""
+        self._require("scale", "set_delta_scale()")
+        self._apply_delta_scale(_checked_scale(alpha, self.config.method_name))
+
+    @contextmanager
+    def scaled(self, alpha: float) -> Iterator["MethodHandle"]:
+        """`set_delta_scale(alpha)` for the block only: the scale in force when it was entered
+        comes back on exit (also when the block raises). Nests; `disabled()` inside wins."""
+        previous = self._delta_scale
+        self.set_delta_scale(alpha)
+        self._scaled_depth += 1
+        try:
+            yield self
+        finally:
+            self._scaled_depth -= 1
+            self._apply_delta_scale(previous)
+
+    def _apply_delta_scale(self, alpha: float) -> None:
+        for module in self.delta_modules():
+            module.delta_scale = alpha
+        self._delta_scale = alpha
+
+    def _set_delta_enabled(self, enabled: bool) -> None:
+        for module in self.delta_modules():
+            module.delta_enabled = enabled
+        if self._base_backup is not None:
+            if enabled:
+                self._base_backup.restore_trained()
+            else:
+                self._base_backup.swap_in_originals(self.model)
+
+    def _require(self, capability: str, operation: str) -> None:
+        supported = self.supports_disable if capability == "disable" else self.supports_scale
+        if not supported:
+            raise AdapterStateError(self.unsupported_message(capability))
+        if self.merged:
+            raise AdapterStateError(
+                f"{self.config.method_name}: {operation} needs the delta kept apart from the "
+                "base weights, but the handle is merged; call handle.unmerge() first (and "
+                "merge() again afterwards if you need the merged model)")
+
+    def unsupported_message(self, capability: str) -> str:
+        """Why `disabled()` ("disable") or scaling ("scale") is not defined for this method and
+        what to do instead; methods override it with their reason."""
+        if capability == "disable":
+            return (f"{self.config.method_name}: disabled() is not supported because the method "
+                    "keeps no delta apart from the base model; keep a frozen copy of the "
+                    "original model (copy.deepcopy(model) before apply) for base outputs")
+        return (f"{self.config.method_name}: scaled()/set_delta_scale() are not supported because "
+                "the method has no weight delta to scale; use a method whose config has "
+                "supports_scale=True (LoRA, IA3, bottleneck adapters, HyperLoRA)")
+
     # -- summary ----------------------------------------------------------------------------
     def describe(self) -> str:
         """What trains, for the CLI to print: counts, then one line per trained module."""
@@ -139,6 +282,71 @@ class MethodHandle:
         head = (f"{self.config.method_name}: {counts.trainable:,} of {counts.total:,} parameters "
                 f"train ({counts.trainable_percent:.2f}%)")
         return "\n".join([head, *("  " + line for line in describe_trainable(self.model))])
+
+
+def _checked_scale(alpha: Any, method_name: str) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not math.isfinite(alpha):
+        raise ConfigError(f"{method_name}: the delta scale must be a finite number (0 = base "
+                          f"model, 1 = trained adapter), got {alpha!r}")
+    return float(alpha)
+
+
+class BaseParameterBackup:
+    """Frozen copies, taken when the method is applied, of the base model's own parameters that
+    the method trains in place (`modules_to_save`, LoRA biases). `swap_in_originals` puts the
+    copies in every module slot that holds a trained parameter (tied uses included); the copies
+    do not require grad, so no gradient reaches the trained ones. `restore_trained` undoes it.
+    The copies cost the size of those parameters once — PEFT keeps the same `original_module`."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter]):
+        unique = {id(p): p for p in parameters}
+        self._originals = {key: _frozen_copy(p) for key, p in unique.items()}
+        self._trained = unique
+        self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+    def swap_in_originals(self, model: nn.Module) -> None:
+        if not self._trained or self._swapped:
+            return
+        for module in model.modules():
+            for name, parameter in module._parameters.items():
+                if parameter is not None and self._trained.get(id(parameter)) is parameter:
+                    module._parameters[name] = self._original_like(parameter)
+                    self._swapped.append((module, name, parameter))
+
+    def restore_trained(self) -> None:
+        for module, name, parameter in reversed(self._swapped):
+            module._parameters[name] = parameter
+        self._swapped = []
+
+    def _original_like(self, parameter: nn.Parameter) -> nn.Parameter:
+        # The model may have moved (device/dtype) since apply; move the copy once, then keep it.
+        original = self._originals[id(parameter)]
+        if original.device != parameter.device or original.dtype != parameter.dtype:
+            original = _frozen_copy(original.to(device=parameter.device, dtype=parameter.dtype))
+            self._originals[id(parameter)] = original
+        return original
+
+
+def _frozen_copy(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense weight of a possibly wrapped linear-like layer, for computation (merging, DoRA
+    norms): a layer's `dequantized_weight()` if it has one (quantized layers), else the
+    `base_layer` of a delta wrapper (recursively, without the wrapper's delta), else `.weight`."""
+    dequantize = getattr(layer, "dequantized_weight", None)
+    if callable(dequantize):
+        return dequantize()
+    inner = getattr(layer, "base_layer", None)
+    if isinstance(inner, nn.Module):
+        return base_weight(inner)
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(layer).__name__} has no dense weight: it has neither "
+                        "`dequantized_weight()`, a `base_layer` nor a `weight` tensor")
+    return weight
 
 
 # -- helpers for methods ---------------------------------------------------------------------
@@ -227,6 +435,11 @@ def unfreeze_modules_to_save(model: nn.Module, patterns: Iterable[str],
                 parameter.requires_grad_(True)
         names.extend(hits)
     return names
+
+
+def parameters_of_modules(model: nn.Module, module_names: Iterable[str]) -> list[nn.Parameter]:
+    """Every parameter of the named modules (e.g. `modules_to_save`, for `BaseParameterBackup`)."""
+    return [p for name in module_names for p in model.get_submodule(name).parameters()]
 
 
 def peft_key(module_name: str, param_name: str) -> str:

@@ -12,6 +12,8 @@ and this config's fields (targets resolved); adapter_model.safetensors holds, pe
 `...adapter_down.bias` `(bottleneck,)`, `...adapter_up.weight` `(features, bottleneck)` and
 `...adapter_up.bias` `(features,)`, plus `modules_to_save` weights as plain
 `base_model.model.<module>.<param>`. The nonlinearity makes merging into the base impossible.
+`handle.disabled()` skips the adapters (the projections alone run); `handle.scaled(alpha)` adds
+alpha times the adapters' residual branch: `y + alpha·up(act(down(y)))`.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from torch import nn
 from deltatune.errors import ConfigError, MergeNotSupportedError
 from deltatune.methods.base import (MethodConfig, MethodHandle, check_adapter_keys,
                                     find_modules, freeze_all, load_modules_to_save_state,
-                                    module_matches, modules_to_save_state, peft_key,
-                                    replace_module, suggest_target_names,
-                                    unfreeze_modules_to_save)
+                                    module_matches, modules_to_save_state,
+                                    parameters_of_modules, peft_key, replace_module,
+                                    suggest_target_names, unfreeze_modules_to_save)
 
 try:  # GPT-2 style projections store their weight as (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
@@ -68,6 +70,8 @@ class BottleneckConfig(MethodConfig):
 
     method_name: ClassVar[str] = "adapter"
     peft_type: ClassVar[str] = "DELTATUNE_BOTTLENECK"
+    supports_disable: ClassVar[bool] = True
+    supports_scale: ClassVar[bool] = True
 
     variant: str = "houlsby"
     bottleneck_size: int | None = None
@@ -121,7 +125,8 @@ class BottleneckConfig(MethodConfig):
 # -- the delta module -------------------------------------------------------------------------
 
 class BottleneckAdapter(nn.Module):
-    """Wraps a frozen output projection and adds a residual bottleneck MLP to its output."""
+    """Wraps a frozen output projection and adds a residual bottleneck MLP to its output, times
+    `delta_scale`; with `delta_enabled` False only the projection runs."""
 
     def __init__(self, base_layer: nn.Module, bottleneck_size: int, nonlinearity: str):
         super().__init__()
@@ -136,6 +141,8 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
         nn.init.zeros_(self.adapter_down.bias)
+        self.delta_enabled = True
+        self.delta_scale = 1.0
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,7 +150,12 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.base_layer(x)
-        return output + self.adapter_up(self.nonlinearity(self.adapter_down(output)))
+        if not self.delta_enabled:
+            return output
+        residual = self.adapter_up(self.nonlinearity(self.adapter_down(output)))
+        if self.delta_scale != 1.0:
+            residual = residual * self.delta_scale
+        return output + residual
 
 
 def output_features(layer: nn.Module) -> int:
@@ -221,11 +233,16 @@ class BottleneckHandle(MethodHandle):
 
     def __init__(self, model: nn.Module, config: BottleneckConfig,
                  adapters: dict[str, BottleneckAdapter], modules_to_save: list[str]):
-        super().__init__(model, config)
+        super().__init__(model, config, parameters_of_modules(model, modules_to_save))
         self.adapters = adapters
         self.modules_to_save = modules_to_save
 
+    def delta_modules(self) -> list[BottleneckAdapter]:
+        return list(self.adapters.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained adapters, unscaled: `delta_scale` is a runtime setting, not saved."""
+        self._check_state_access("state_dict()")
         state = {}
         for name, adapter in self.adapters.items():
             tensors = adapter.state_dict()
@@ -234,6 +251,7 @@ class BottleneckHandle(MethodHandle):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._check_state_access("load_state_dict()")
         check_adapter_keys(self.state_dict(), state, BottleneckConfig.method_name)
         with torch.no_grad():
             for name, adapter in self.adapters.items():

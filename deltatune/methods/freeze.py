@@ -111,6 +111,14 @@ class FreezeHandle(MethodHandle):
             "kept, so they cannot be unmerged; load the base model again to get them back"
         )
 
+    def unsupported_message(self, capability: str) -> str:
+        operation = "disabled()" if capability == "disable" else "scaled()/set_delta_scale()"
+        return (f"freeze: {operation} is not supported: the trained modules are the model's "
+                "own, changed in place, and no copy of the originals is kept, so there is no "
+                "delta to switch off or scale; keep a frozen copy of the original model "
+                "(copy.deepcopy(model) before apply, or load the base model again) for base "
+                "outputs, or train a delta method (LoRA, IA3, ...) with modules_to_save")
+
 
 def _unfreeze_matching(model: nn.Module, patterns: list[str], require_each: bool,
                        what: str) -> list[str]:

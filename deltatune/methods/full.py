@@ -93,6 +93,14 @@ class FullFinetuneHandle(MethodHandle):
             "unmerged; load the base model again to get them back"
         )
 
+    def unsupported_message(self, capability: str) -> str:
+        operation = "disabled()" if capability == "disable" else "scaled()/set_delta_scale()"
+        return (f"full: {operation} is not supported: full fine-tuning changes the model's own "
+                "weights and keeps no copy of the originals, so there is no delta to switch off "
+                "or scale; keep a frozen copy of the original model (copy.deepcopy(model) "
+                "before apply, or load the base model again) for base outputs and for weight "
+                "interpolation, or train a delta method (LoRA, IA3, ...)")
+
 
 def apply_full(model: nn.Module, config: FullFinetuneConfig) -> FullFinetuneHandle:
     """Makes every parameter trainable; finds the blocks when layer-wise decay is on."""

@@ -6,6 +6,8 @@ block. Layers of different shapes (q and v differ under grouped-query attention)
 output heads, one pair per (out, in) shape. B's head starts at zero, so the model starts equal to
 the base. The generated factors export as an ordinary LoRA adapter (PEFT's files and keys),
 which deltatune's `lora` method and PEFT load; `merge` generates and folds them into the weights.
+`handle.disabled()` skips the generated branch (nothing is generated); `handle.scaled(alpha)`
+scales the generated delta: W x + alpha·s·B A x, which `merge` folds as it is.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.fileio import write_json, write_safetensors
 from deltatune.methods.base import (MethodConfig, MethodHandle, check_adapter_keys, find_blocks,
-                                    find_modules, freeze_all, modules_to_save_state, peft_key,
-                                    replace_module, unfreeze_modules_to_save)
+                                    find_modules, freeze_all, modules_to_save_state,
+                                    parameters_of_modules, peft_key, replace_module,
+                                    unfreeze_modules_to_save)
 
 GENERATOR_NAME = "hyperlora_generator"
 
@@ -36,6 +39,8 @@ class HyperLoraConfig(MethodConfig):
 
     method_name: ClassVar[str] = "hyperlora"
     peft_type: ClassVar[str] = "DELTATUNE_HYPERLORA"
+    supports_disable: ClassVar[bool] = True
+    supports_scale: ClassVar[bool] = True
 
     r: int = 8
     alpha: float = 16
@@ -137,8 +142,9 @@ class LoraGenerator(nn.Module):
 
 
 class HyperLoraLinear(nn.Module):
-    """y = base(x) + scaling * B(A(dropout(x))) with (A, B) generated for this layer. The generator
-    is shared by all layers and registered once on the model, so it is only referenced here."""
+    """y = base(x) + delta_scale * scaling * B(A(dropout(x))) with (A, B) generated for this
+    layer; `delta_enabled` False runs the base layer alone. The generator is shared by all
+    layers and registered once on the model, so it is only referenced here."""
 
     def __init__(self, base_layer: nn.Linear, slot: TargetSlot, generator: LoraGenerator,
                  scaling: float, dropout: float):
@@ -147,23 +153,32 @@ class HyperLoraLinear(nn.Module):
         self.slot = slot
         self.scaling = scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.delta_enabled = True
+        self.delta_scale = 1.0
         self._generator = (generator,)  # a tuple keeps nn.Module from registering it here
 
     @property
     def generator(self) -> LoraGenerator:
         return self._generator[0]
 
+    @property
+    def effective_scaling(self) -> float:
+        return self.scaling * self.delta_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if not self.delta_enabled:
+            return result
         factor_A, factor_B = self.generator.generate(self.slot)
         lora_x = x if self.lora_dropout is None or not self.training else self.lora_dropout(x)
         lora_x = lora_x.to(factor_A.dtype)
-        delta = F.linear(F.linear(lora_x, factor_A), factor_B) * self.scaling
+        delta = F.linear(F.linear(lora_x, factor_A), factor_B) * self.effective_scaling
         return result + delta.to(result.dtype)
 
     def delta_weight(self, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """delta_scale * scaling * B @ A for the given factors."""
         factor_A, factor_B = factors
-        return (factor_B @ factor_A) * self.scaling
+        return (factor_B @ factor_A) * self.effective_scaling
 
 
 # -- handle ----------------------------------------------------------------------------------
@@ -173,7 +188,7 @@ class HyperLoraHandle(MethodHandle):
 
     def __init__(self, model: nn.Module, config: HyperLoraConfig, generator: LoraGenerator,
                  layers: dict[str, HyperLoraLinear], saved_modules: list[str]):
-        super().__init__(model, config)
+        super().__init__(model, config, parameters_of_modules(model, saved_modules))
         self.generator = generator
         self.layers = layers
         self.saved_modules = saved_modules
@@ -190,14 +205,20 @@ class HyperLoraHandle(MethodHandle):
                               f"(tasks 0..{self.config.num_tasks - 1})")
         self.generator.current_task = task
 
+    def delta_modules(self) -> list[HyperLoraLinear]:
+        return list(self.layers.values())
+
     # -- adapter weights --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's weights; `delta_scale` is a runtime setting, not saved."""
+        self._check_state_access("state_dict()")
         state = {peft_key(GENERATOR_NAME, n): t.detach()
                  for n, t in self.generator.state_dict().items()}
         state.update(modules_to_save_state(self.model, self.saved_modules))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._check_state_access("load_state_dict()")
         expected = self.state_dict()
         check_adapter_keys(expected, state, "hyperlora")
         self.unmerge()
@@ -207,7 +228,9 @@ class HyperLoraHandle(MethodHandle):
 
     # -- export -----------------------------------------------------------------------------
     def lora_state_dict(self, task: int | None = None) -> dict[str, torch.Tensor]:
-        """The generated factors as an ordinary LoRA's tensors, under PEFT's keys."""
+        """The generated factors as an ordinary LoRA's tensors, under PEFT's keys (unscaled:
+        `delta_scale` is a runtime setting, as for LoRA's own files)."""
+        self._check_state_access("lora_state_dict()")
         state: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
@@ -252,11 +275,13 @@ class HyperLoraHandle(MethodHandle):
         return True
 
     def merge(self) -> None:
-        """Generates every layer's factors (current task) and adds scaling * B @ A to the base
-        weight; the plain layers go back in place. The small factors are kept, so unmerge
-        subtracts exactly the delta that was added even if the generator changed meanwhile."""
+        """Generates every layer's factors (current task) and adds delta_scale * scaling * B @ A
+        to the base weight; the plain layers go back in place. The small factors are kept, so
+        unmerge subtracts exactly the delta that was added even if the generator changed
+        meanwhile."""
         if self.merged:
             return
+        self._check_merge_allowed()
         with torch.no_grad():
             for name, layer in self.layers.items():
                 factors = self.generator.generate(layer.slot)

@@ -6,6 +6,8 @@ same rule, shapes and file format as Hugging Face PEFT's IA3, so adapters move b
 `base_model.model.<module>.ia3_l` keys and an adapter_config.json with `peft_type: "IA3"`,
 `target_modules`, `feedforward_modules`, `exclude_modules`, `init_ia3_weights`, `fan_in_fan_out`,
 `modules_to_save` and `task_type`. The scaling folds exactly into the weight (`merge`).
+`handle.disabled()` skips the multiplication (the base layer alone runs); `handle.scaled(alpha)`
+uses the vector 1 + alpha·(l − 1), which `merge` folds as it is.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from deltatune.errors import (AdapterFormatError, ConfigError, MergeNotSupported
 from deltatune.methods.base import (MethodConfig, MethodHandle, all_linear_names,
                                     check_adapter_keys, find_modules, freeze_all,
                                     load_modules_to_save_state, module_matches,
-                                    modules_to_save_state, peft_key, replace_module,
-                                    suggest_target_names, unfreeze_modules_to_save)
+                                    modules_to_save_state, parameters_of_modules, peft_key,
+                                    replace_module, suggest_target_names,
+                                    unfreeze_modules_to_save)
 
 try:  # GPT-2 style layers store their weight as (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
@@ -66,6 +69,8 @@ class IA3Config(MethodConfig):
 
     method_name: ClassVar[str] = "ia3"
     peft_type: ClassVar[str] = "IA3"
+    supports_disable: ClassVar[bool] = True
+    supports_scale: ClassVar[bool] = True
 
     targets: list[str] | None = None
     feedforward_targets: list[str] | None = None
@@ -176,7 +181,8 @@ def _is_feedforward(name: str, patterns: Iterable[str]) -> bool:
 
 class IA3Layer(nn.Module):
     """Wraps a frozen Linear (or GPT-2 Conv1D) and scales its output, or for a feedforward
-    layer its input, by the learned vector `ia3_l`."""
+    layer its input, by the learned vector `ia3_l`. `delta_enabled` False: the base layer alone,
+    no multiplication; `delta_scale` alpha: the vector 1 + alpha·(l − 1) (l itself at 1)."""
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool, init_ones: bool = True):
         super().__init__()
@@ -187,21 +193,32 @@ class IA3Layer(nn.Module):
         weight = base_layer.weight
         vector = torch.ones(shape) if init_ones else torch.randn(shape)
         self.ia3_l = nn.Parameter(vector.to(device=weight.device, dtype=weight.dtype))
+        self.delta_enabled = True
+        self.delta_scale = 1.0
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def scaled_vector(self) -> torch.Tensor:
+        """`ia3_l` at the current delta scale: 1 + alpha·(l − 1)."""
+        if self.delta_scale == 1.0:
+            return self.ia3_l
+        return 1 + self.delta_scale * (self.ia3_l - 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.ia3_l.flatten()
+        if not self.delta_enabled:
+            return self.base_layer(x)
+        scale = self.scaled_vector().flatten()
         if self.is_feedforward:
             return self.base_layer(x * scale.to(x.dtype))
         output = self.base_layer(x)
         return output * scale.to(output.dtype)
 
     def weight_scale(self) -> torch.Tensor:
-        """The vector shaped to multiply the base weight (rows: outputs, columns: inputs)."""
-        scale = self.ia3_l.detach()
+        """The (scaled) vector shaped to multiply the base weight (rows: outputs, columns:
+        inputs)."""
+        scale = self.scaled_vector().detach()
         return scale.T if isinstance(self.base_layer, _conv1d_types()) else scale
 
     def extra_repr(self) -> str:
@@ -309,13 +326,18 @@ class IA3Handle(MethodHandle):
 
     def __init__(self, model: nn.Module, config: IA3Config, layers: dict[str, IA3Layer],
                  modules_to_save: list[str]):
-        super().__init__(model, config)
+        super().__init__(model, config, parameters_of_modules(model, modules_to_save))
         self.layers = layers
         self.modules_to_save = modules_to_save
         # Original weight/bias slices where a vector entry is 0, for an exact unmerge there.
         self._zero_slices: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
+    def delta_modules(self) -> list[IA3Layer]:
+        return list(self.layers.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained vectors, unscaled: `delta_scale` is a runtime setting, not saved."""
+        self._check_state_access("state_dict()")
         state = {peft_key(name, PARAM_NAME): layer.ia3_l.detach()
                  for name, layer in self.layers.items()}
         state.update(modules_to_save_state(self.model, self.modules_to_save))
@@ -324,6 +346,7 @@ class IA3Handle(MethodHandle):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.merged:
             raise ConfigError("ia3: unmerge() before loading other IA3 weights")
+        self._check_state_access("load_state_dict()")
         check_adapter_keys(self.state_dict(), state, IA3Config.method_name)
         with torch.no_grad():
             for name, layer in self.layers.items():
@@ -335,10 +358,12 @@ class IA3Handle(MethodHandle):
         return True
 
     def merge(self) -> None:
-        """Multiplies each vector into its layer's weight (and, for output scaling, bias) and puts
-        the plain layer back in place of the wrapper: no inference overhead."""
+        """Multiplies each vector (at the current delta scale) into its layer's weight (and, for
+        output scaling, bias) and puts the plain layer back in place of the wrapper: no
+        inference overhead."""
         if self.merged:
             return
+        self._check_merge_allowed()
         for name, layer in self.layers.items():
             if not torch.isfinite(layer.ia3_l).all():
                 raise MergeNotSupportedError(

@@ -4,6 +4,8 @@ delta module (`LoraLinear`, `LoraEmbedding`, `LoraConv2d`) that keeps the frozen
 `base_layer` and adds `scaling * B(A(x))`; parameter names, shapes, initialisation and forward
 maths follow Hugging Face PEFT 0.21, so `LoraHandle.state_dict()` has exactly the keys PEFT saves
 and `LoraConfig.adapter_config()` is a PEFT LoraConfig: adapters move between the two both ways.
+Every wrapper can be switched off (`handle.disabled()`: the base layer alone runs, the LoRA branch
+is skipped) and scaled (`handle.scaled(alpha)`: W + alpha·ΔW, for DoRA W + alpha·(W_dora − W)).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from torch import nn
 
 from deltatune.errors import AdapterFormatError, ConfigError, TargetNotFoundError
 from deltatune.methods.base import (PEFT_PREFIX, _REGEX_CHARS, MethodConfig, MethodHandle,
-                                    all_linear_names, find_modules, freeze_all, module_matches,
-                                    modules_to_save_state, peft_key, replace_module,
+                                    all_linear_names, base_weight, find_modules, freeze_all,
+                                    module_matches, modules_to_save_state,
+                                    parameters_of_modules, peft_key, replace_module,
                                     suggest_target_names, unfreeze_modules_to_save)
 from deltatune.methods.lora_fused import can_fuse, fused_lora_linear
 
@@ -64,6 +67,8 @@ class LoraConfig(MethodConfig):
 
     method_name: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
+    supports_disable: ClassVar[bool] = True
+    supports_scale: ClassVar[bool] = True
 
     r: int = 8
     alpha: float = 16
@@ -200,7 +205,13 @@ def _read_peft_init(value: bool | str) -> str:
 
 class LoraLayer(nn.Module):
     """Common part of the LoRA wrappers: the frozen `base_layer`, the scaling and, for DoRA, the
-    `lora_magnitude_vector`. Subclasses define the low-rank factors and their maths."""
+    `lora_magnitude_vector`. Subclasses define the low-rank factors and their maths.
+
+    `delta_enabled` False makes forward return `base_layer(x)` alone (the LoRA branch is not
+    run at all, so the output is the base layer's bit for bit). `delta_scale` alpha multiplies
+    the change the layer makes: plain LoRA computes W x + alpha·s·B A x; DoRA interpolates its
+    rescaled weight, (W + alpha·(W_dora − W)) x, so alpha = 0 is the base layer for both. Merging
+    folds the same scaled weight (`merged_weight`)."""
 
     # Names (relative to the wrapper) of the tensors saved in the adapter file.
     adapter_tensor_names: ClassVar[tuple[str, ...]] = ()
@@ -211,6 +222,13 @@ class LoraLayer(nn.Module):
         self.r = r
         self.scaling = scaling
         self.use_dora = use_dora
+        self.delta_enabled = True
+        self.delta_scale = 1.0
+
+    @property
+    def effective_scaling(self) -> float:
+        """The LoRA scaling times the delta scale (equal to `scaling` at alpha = 1)."""
+        return self.scaling * self.delta_scale
 
     @staticmethod
     def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -226,7 +244,7 @@ class LoraLayer(nn.Module):
     def _init_magnitude(self) -> None:
         with torch.no_grad():
             delta = self.delta_weight()
-            norm = self.weight_norm(self.base_layer.weight.to(delta.dtype) + delta)
+            norm = self.weight_norm(base_weight(self.base_layer).to(delta.dtype) + delta)
         self.lora_magnitude_vector = nn.Parameter(norm)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -234,8 +252,13 @@ class LoraLayer(nn.Module):
         return {name: self.get_parameter(name).detach() for name in names}
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in the layout of the base weight."""
+        """scaling * B @ A in the layout of the base weight (the trained delta; `delta_scale` is
+        applied on top by `scaled_delta_weight` and `merged_weight`)."""
         raise NotImplementedError
+
+    def scaled_delta_weight(self) -> torch.Tensor:
+        """delta_scale * scaling * B @ A: what merging plain LoRA adds to the base weight."""
+        return _scaled(self.delta_weight(), self.delta_scale)
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's norm of `weight`, shaped like `lora_magnitude_vector`."""
@@ -248,20 +271,29 @@ class LoraLayer(nn.Module):
     def dora_scale(self) -> torch.Tensor:
         """m / ||W + scaling BA||, the norm detached as in the DoRA paper (section 4.3) and PEFT."""
         with torch.no_grad():
-            weight = self.base_layer.weight
+            weight = base_weight(self.base_layer)
             delta = self.delta_weight()
             norm = self.weight_norm(weight.to(delta.dtype) + delta)
         return self.lora_magnitude_vector / norm
 
     def merged_weight(self) -> torch.Tensor:
-        """The base weight with the delta folded in (computed in the adapter dtype)."""
+        """The base weight with the (scaled) delta folded in, computed in the adapter dtype:
+        W + alpha·ΔW, for DoRA W + alpha·(W_dora − W)."""
         with torch.no_grad():
-            weight = self.base_layer.weight
-            merged = weight.to(self.lora_dtype) + self.delta_weight()
-            if self.use_dora:
-                merged = self.weight_view(self.lora_magnitude_vector / self.weight_norm(merged)) \
-                    * merged
-            return merged.to(weight.dtype)
+            weight = base_weight(self.base_layer)
+            base = weight.to(self.lora_dtype)
+            if not self.use_dora:
+                return (base + self.scaled_delta_weight()).to(weight.dtype)
+            merged = base + self.delta_weight()
+            dora = self.weight_view(self.lora_magnitude_vector / self.weight_norm(merged)) * merged
+            if self.delta_scale != 1.0:
+                dora = base + self.delta_scale * (dora - base)
+            return dora.to(weight.dtype)
+
+
+def _scaled(delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * delta; at alpha = 1 the tensor itself, so an unscaled adapter is untouched."""
+    return delta if alpha == 1.0 else delta * alpha
 
 
 def _add_scaled(result: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -292,17 +324,19 @@ class LoraLinear(LoraLayer):
         return self.lora_A.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.delta_enabled:
+            return self.base_layer(x)
         if self._fusable(x):
             base = self.base_layer
             return fused_lora_linear(x, base.weight, base.bias, self.lora_A.weight,
-                                     self.lora_B.weight, self.scaling)
+                                     self.lora_B.weight, self.effective_scaling)
         result = self.base_layer(x)
         lora_x = x if self.lora_dropout is None or not self.training else self.lora_dropout(x)
         if lora_x.dtype != self.lora_A.weight.dtype:
             lora_x = lora_x.to(self.lora_A.weight.dtype)
         lora_out = F.linear(F.linear(lora_x, self.lora_A.weight), self.lora_B.weight)
         if not self.use_dora:
-            return _add_scaled(result, lora_out, self.scaling)
+            return _add_scaled(result, lora_out, self.effective_scaling)
         return self._dora_forward(x, lora_x, result, lora_out)
 
     def _fusable(self, x: torch.Tensor) -> bool:
@@ -320,9 +354,9 @@ class LoraLinear(LoraLayer):
             bias = self.base_layer.bias
             base_out = result if bias is None else result - bias
         else:
-            base_out = F.linear(lora_x, self.base_layer.weight.to(lora_x.dtype))
+            base_out = F.linear(lora_x, base_weight(self.base_layer).to(lora_x.dtype))
         dora = (scale - 1) * base_out + scale * (lora_out * self.scaling)
-        return result + dora.to(result.dtype)
+        return result + _scaled(dora, self.delta_scale).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -365,6 +399,8 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(ids)
+        if not self.delta_enabled:
+            return result
         after_A = F.embedding(ids, self.lora_embedding_A.t(),
                               padding_idx=self.base_layer.padding_idx)
         lora_out = after_A @ self.lora_embedding_B.t()
@@ -374,10 +410,13 @@ class LoraEmbedding(LoraLayer):
             lora_out = scale * (lora_out * self.scaling)
             if embed_scale is not None:
                 lora_out = lora_out * embed_scale
-            return (scale * result + lora_out).to(result.dtype)
+            if self.delta_scale == 1.0:
+                return (scale * result + lora_out).to(result.dtype)
+            dora = (scale - 1) * result + lora_out
+            return (result + self.delta_scale * dora).to(result.dtype)
         if embed_scale is not None:
             lora_out = lora_out * embed_scale
-        return _add_scaled(result, lora_out, self.scaling)
+        return _add_scaled(result, lora_out, self.effective_scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
@@ -414,25 +453,27 @@ class LoraConv2d(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if not self.delta_enabled:
+            return result
         lora_x = x if self.lora_dropout is None or not self.training else self.lora_dropout(x)
         if lora_x.dtype != self.lora_A.weight.dtype:
             lora_x = lora_x.to(self.lora_A.weight.dtype)
         lora_out = self.lora_B(self.lora_A(lora_x))
         if not self.use_dora:
-            return _add_scaled(result, lora_out, self.scaling)
+            return _add_scaled(result, lora_out, self.effective_scaling)
         scale = self.dora_scale()
         if lora_x is x:
             bias = self.base_layer.bias
             base_out = result if bias is None else result - bias.view(1, -1, 1, 1)
         else:
             base = self.base_layer
-            base_out = F.conv2d(lora_x, base.weight.to(lora_x.dtype), None, base.stride,
+            base_out = F.conv2d(lora_x, base_weight(base).to(lora_x.dtype), None, base.stride,
                                 base.padding, base.dilation, base.groups)
         dora = (scale - 1) * base_out + scale * (lora_out * self.scaling)
-        return result + dora.to(result.dtype)
+        return result + _scaled(dora, self.delta_scale).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.base_layer.weight  # shape only
         product = self.lora_B.weight.view(-1, self.r) @ self.lora_A.weight.view(self.r, -1)
         return product.view(weight.shape) * self.scaling
 
@@ -558,18 +599,28 @@ class LoraHandle(MethodHandle):
     weight another module shares (tied embeddings), merge into a new tensor and keep the
     original, so unmerge restores it exactly and the tied module never changes. While merged the
     LoRA factors are outside the model: unmerge before training further.
+
+    `disabled()` skips every LoRA branch and swaps the trained biases and `modules_to_save` for
+    copies of their values at apply time; `set_delta_scale(alpha)` scales every layer's change
+    and `merge()` folds the scale in force (so the merged model equals the scaled one).
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, layers: dict[str, LoraLayer],
                  saved_modules: list[str], biases: dict[str, nn.Parameter]):
-        super().__init__(model, config)
+        super().__init__(model, config,
+                         [*biases.values(), *parameters_of_modules(model, saved_modules)])
         self.layers = layers
         self.saved_modules = saved_modules
         self._biases = biases
         self._original_weights: dict[str, nn.Parameter] = {}
 
+    def delta_modules(self) -> list[LoraLayer]:
+        return list(self.layers.values())
+
     # -- adapter weights --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, unscaled: `delta_scale` is a runtime setting, not saved."""
+        self._check_state_access("state_dict()")
         state: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             for tensor_name, tensor in layer.adapter_tensors().items():
@@ -581,6 +632,7 @@ class LoraHandle(MethodHandle):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Loads adapter weights (ours or PEFT's); missing, unexpected or misshapen tensors raise
         `AdapterFormatError` before anything is changed."""
+        self._check_state_access("load_state_dict()")
         state, base_weights = self._normalise_peft_keys(state)
         targets = self.state_dict()
         _check_keys(targets, state)
@@ -629,9 +681,11 @@ class LoraHandle(MethodHandle):
         return True
 
     def merge(self) -> None:
-        """Folds every delta into its base weight and puts the plain base layer back."""
+        """Folds every delta, at the current `delta_scale`, into its base weight and puts the
+        plain base layer back."""
         if self.merged:
             return
+        self._check_merge_allowed()
         for name, layer in self.layers.items():
             base = layer.base_layer
             if layer.use_dora or _is_shared(self.model, base.weight):
@@ -639,7 +693,7 @@ class LoraHandle(MethodHandle):
                 base.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
             else:
                 with torch.no_grad():
-                    base.weight += layer.delta_weight().to(base.weight.dtype)
+                    base.weight += layer.scaled_delta_weight().to(base.weight.dtype)
             replace_module(self.model, name, base)
         self.merged = True
 
@@ -653,8 +707,9 @@ class LoraHandle(MethodHandle):
             if name in self._original_weights:
                 base.weight = self._original_weights.pop(name)
             else:
+                # The scale cannot change while merged, so this is the delta merge added.
                 with torch.no_grad():
-                    base.weight -= layer.delta_weight().to(base.weight.dtype)
+                    base.weight -= layer.scaled_delta_weight().to(base.weight.dtype)
             replace_module(self.model, name, layer)
         self.merged = False
 

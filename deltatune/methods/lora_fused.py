@@ -7,7 +7,9 @@ contributions. Those passes are memory-bound and were ~8 % of a LoRA training st
 (benchmarks/profile_step.py). Here the LoRA term is added to the base output inside `addmm`
 (forward), the scaling is applied to the small (tokens x r) gradient, and the two input-gradient
 terms are summed by one in-place `addmm_` (backward). Same maths: outputs and gradients equal the
-modular form to float rounding (tests/methods/test_lora_fused.py).
+modular form to float rounding (tests/methods/test_lora_fused.py). `LoraLinear` passes its
+effective scaling (LoRA scaling times the handle's delta scale) and does not come here at all
+while the adapter is disabled, so the base output is then the plain layer's, bit for bit.
 """
 from __future__ import annotations
 

@@ -6,6 +6,13 @@ new tokens. Every original row and every other weight stays frozen and untouched
 included, since the optimizer never sees them). The adapter saves only the new rows plus the
 tokenizer; loading it on a fresh base model needs no resize, which is what PEFT issue #1457 trips
 over. `merge` folds the rows into a plain, larger nn.Embedding.
+
+`handle.disabled()` gives the base model exactly: the wrappers run their base layers alone (the
+base embedding rows — also for placeholder ids that replaced unused rows of a padded table — and
+the base head's logits, so the vocabulary is the base one again, `config.vocab_size` included).
+Inputs that hold placeholder ids beyond the base table raise `AdapterStateError` there, since the
+base model has no embedding for them; inputs of original tokens only give the base model's
+outputs bit for bit. Scaling is not defined: the new rows have no original to scale from.
 """
 from __future__ import annotations
 
@@ -16,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import AdapterFormatError, ConfigError, TargetNotFoundError
-from deltatune.methods.base import (MethodConfig, MethodHandle, check_adapter_keys, freeze_all,
-                                    load_modules_to_save_state, modules_to_save_state, peft_key,
+from deltatune.errors import (AdapterFormatError, AdapterStateError, ConfigError,
+                              TargetNotFoundError)
+from deltatune.methods.base import (MethodConfig, MethodHandle, base_weight, check_adapter_keys,
+                                    freeze_all, load_modules_to_save_state,
+                                    modules_to_save_state, parameters_of_modules, peft_key,
                                     replace_module, unfreeze_modules_to_save)
 
 NEW_ROWS = "new_embeddings"
@@ -36,6 +45,7 @@ class TextualInversionConfig(MethodConfig):
     method_name: ClassVar[str] = "textual-inversion"
     peft_type: ClassVar[str] = "DELTATUNE_TEXTUAL_INVERSION"
     saves_tokenizer: ClassVar[bool] = True
+    supports_disable: ClassVar[bool] = True
 
     placeholder_tokens: list[str] = field(default_factory=list)
     initializer_token: str | None = None
@@ -118,7 +128,8 @@ class NewTokenLayout:
 
 class TextualInversionEmbedding(nn.Module):
     """Wraps the frozen input embedding (`base_layer`); the placeholder ids read their rows from
-    the trainable `new_embeddings` (one row per placeholder token, in config order)."""
+    the trainable `new_embeddings` (one row per placeholder token, in config order). With
+    `delta_enabled` False it is the base embedding (ids past its table raise)."""
 
     def __init__(self, base_layer: nn.Embedding, layout: NewTokenLayout,
                  initial_rows: torch.Tensor):
@@ -127,6 +138,7 @@ class TextualInversionEmbedding(nn.Module):
         self.layout = layout
         self.new_embeddings = nn.Parameter(initial_rows.clone())
         self.register_buffer("lookup", layout.lookup.clone(), persistent=False)
+        self.delta_enabled = True
 
     @property
     def num_embeddings(self) -> int:
@@ -137,6 +149,8 @@ class TextualInversionEmbedding(nn.Module):
         return self.base_layer.embedding_dim
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.delta_enabled:
+            return self._base_forward(input_ids)
         rows = self.lookup.to(input_ids.device)[input_ids]
         is_new = rows >= 0
         # Base lookup with the new ids pointed at row 0, then overwritten: keeps the base
@@ -146,23 +160,38 @@ class TextualInversionEmbedding(nn.Module):
         new = self.new_embeddings[rows.clamp(min=0)] * _embed_scale(self.base_layer)
         return torch.where(is_new.unsqueeze(-1), new.to(base.dtype), base)
 
+    def _base_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Checked here: an out-of-range id is an opaque device-side assert on GPUs.
+        beyond = input_ids >= self.layout.base_rows
+        if bool(beyond.any()):
+            raise AdapterStateError(
+                f"textual-inversion: the input holds placeholder token id(s) "
+                f"{sorted(set(input_ids[beyond].tolist()))} that the base model has no embedding "
+                "for; inside handle.disabled() the model is the base model, so give it inputs "
+                "without the new tokens")
+        return self.base_layer(input_ids)
+
     def merged_weight(self) -> torch.Tensor:
         """The base table with the new rows written in (and appended)."""
-        return _table_with_rows(self.base_layer.weight, self.new_embeddings, self.layout)
+        return _table_with_rows(base_weight(self.base_layer), self.new_embeddings, self.layout)
 
 
 class TextualInversionHead(nn.Module):
     """Wraps the frozen output head (`base_layer`) and adds one logit column per new token, from
-    `rows` (the shared `new_embeddings` for a tied head, frozen copies otherwise)."""
+    `rows` (the shared `new_embeddings` for a tied head, frozen copies otherwise). With
+    `delta_enabled` False it is the base head (the base vocabulary's logits only)."""
 
     def __init__(self, base_layer: nn.Linear, layout: NewTokenLayout, rows: nn.Parameter):
         super().__init__()
         self.base_layer = base_layer
         self.layout = layout
         self.rows = rows
+        self.delta_enabled = True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base_layer(hidden)
+        if not self.delta_enabled:
+            return logits
         new_logits = F.linear(hidden, self.rows.to(hidden.dtype))
         if len(self.layout.replaced_ids):
             replaced = new_logits[..., self.layout.replaced_rows.to(hidden.device)]
@@ -173,7 +202,7 @@ class TextualInversionHead(nn.Module):
         return logits
 
     def merged_weight(self) -> torch.Tensor:
-        return _table_with_rows(self.base_layer.weight, self.rows, self.layout)
+        return _table_with_rows(base_weight(self.base_layer), self.rows, self.layout)
 
 
 def _embed_scale(layer: nn.Module) -> Any:
@@ -199,7 +228,7 @@ class TextualInversionHandle(MethodHandle):
                  embedding_name: str, embedding: TextualInversionEmbedding,
                  head_name: str | None, head: TextualInversionHead | None,
                  saved_modules: list[str]):
-        super().__init__(model, config)
+        super().__init__(model, config, parameters_of_modules(model, saved_modules))
         self.embedding_name = embedding_name
         self.embedding = embedding
         self.head_name = head_name
@@ -211,7 +240,23 @@ class TextualInversionHandle(MethodHandle):
     def head_is_tied(self) -> bool:
         return self.head is not None and self.head.rows is self.embedding.new_embeddings
 
+    def delta_modules(self) -> list[nn.Module]:
+        return [self.embedding] + ([self.head] if self.head is not None else [])
+
+    def _set_delta_enabled(self, enabled: bool) -> None:
+        super()._set_delta_enabled(enabled)
+        layout = self.embedding.layout
+        _set_vocab_size(self.model, layout.total_rows if enabled else layout.base_rows)
+
+    def unsupported_message(self, capability: str) -> str:
+        if capability == "scale":
+            return ("textual-inversion: the new token rows have no original value to scale "
+                    "from, so scaled()/set_delta_scale() are not defined; use handle.disabled() "
+                    "for the base model")
+        return super().unsupported_message(capability)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._check_state_access("state_dict()")
         state = {peft_key(self.embedding_name, NEW_ROWS): self.embedding.new_embeddings.detach()}
         if self.head is not None and not self.head_is_tied:
             state[peft_key(self.head_name, NEW_OUTPUT_ROWS)] = self.head.rows.detach()
@@ -219,6 +264,7 @@ class TextualInversionHandle(MethodHandle):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._check_state_access("load_state_dict()")
         expected = self.state_dict()
         check_adapter_keys(expected, state, "textual-inversion")
 
@@ -237,6 +283,7 @@ class TextualInversionHandle(MethodHandle):
         a tied head keeps sharing the merged table."""
         if self.merged:
             return
+        self._check_merge_allowed()
         base = self.embedding.base_layer
         embedding = nn.Embedding(self.embedding.num_embeddings, base.embedding_dim,
                                  padding_idx=base.padding_idx, device=base.weight.device,

@@ -11,7 +11,9 @@ input-side tokens a forward hook then drops the p virtual positions from the bac
 so callers see their original sequence length. In cached generation the tokens are injected once,
 in the prefill call; later calls find them in the cache and only get the mask and positions
 shifted by p. The trained encoder is saved as PEFT does: one tensor, `prompt_embeddings`, the
-encoder's output, plus `modules_to_save` under `base_model.<module>.<param>`.
+encoder's output, plus `modules_to_save` under `base_model.<module>.<param>`. Inside
+`handle.disabled()` the hooks pass every call through unchanged (no virtual tokens, no mask or
+position shift), so the model is the base model; scaling is not defined for virtual tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 
 from deltatune.errors import AdapterFormatError, ConfigError, MergeNotSupportedError
 from deltatune.methods.base import (MethodConfig, MethodHandle, freeze_all, module_matches,
-                                    unfreeze_modules_to_save)
+                                    parameters_of_modules, unfreeze_modules_to_save)
 
 SAVED_KEY = "prompt_embeddings"
 ENCODER_ATTRIBUTE = "prompt_encoder"
@@ -106,6 +108,8 @@ class VirtualTokenConfig(MethodConfig):
 
     # The virtual tokens sit at the start of each row: packed examples would share them.
     supports_packing: ClassVar[bool] = False
+    # Not injecting the tokens gives the base model; there is no weight delta to scale.
+    supports_disable: ClassVar[bool] = True
 
     num_virtual_tokens: int = 20
     task_type: str | None = None
@@ -228,7 +232,8 @@ class _CallSignature:
 
 class VirtualTokenHooks:
     """Installs the pre-hook (and, for input-side tokens, the output hook) on the backbone.
-    Subclasses define how the virtual tokens enter the first call of a sequence (`inject`)."""
+    Subclasses define how the virtual tokens enter the first call of a sequence (`inject`).
+    With `delta_enabled` False (the handle's `disabled()`) the hooks leave every call alone."""
 
     strips_output: ClassVar[bool] = False
     required_arguments: ClassVar[tuple[str, ...]] = ()
@@ -242,6 +247,7 @@ class VirtualTokenHooks:
         self.num_virtual_tokens = num_virtual_tokens
         self.method_name = method_name
         self.signature = _CallSignature(backbone)
+        self.delta_enabled = True
         # One entry per backbone call in flight: whether the output hook must strip positions.
         self._pending: list[bool] = []
         self._hooks = [backbone.register_forward_pre_hook(self._before, with_kwargs=True)]
@@ -262,7 +268,11 @@ class VirtualTokenHooks:
         self._hooks = []
 
     def _before(self, module: nn.Module, args: tuple,
-                kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+                kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not self.delta_enabled:
+            if self.strips_output:
+                self._pending.append(False)
+            return None
         call = self.signature.as_keywords(args, kwargs)
         reject_packed_rows(call, self.method_name)
         first_call = cache_length(call.get("past_key_values")) == 0
@@ -399,15 +409,27 @@ class VirtualTokenHandle(MethodHandle):
 
     def __init__(self, model: nn.Module, config: VirtualTokenConfig, hooks: VirtualTokenHooks,
                  saved_modules: list[str]):
-        super().__init__(model, config)
+        super().__init__(model, config, parameters_of_modules(model, saved_modules))
         self.hooks = hooks
         self.saved_modules = saved_modules
+
+    def delta_modules(self) -> list[VirtualTokenHooks]:
+        return [self.hooks]
+
+    def unsupported_message(self, capability: str) -> str:
+        if capability == "scale":
+            return (f"{self.config.method_name}: virtual tokens are extra inputs, not a weight "
+                    "delta, so scaled()/set_delta_scale() are not defined; use "
+                    "handle.disabled() for the base model, or a method whose config has "
+                    "supports_scale=True (LoRA, IA3, bottleneck adapters, HyperLoRA)")
+        return super().unsupported_message(capability)
 
     @property
     def encoder(self) -> VirtualTokenEncoder:
         return getattr(self.model, ENCODER_ATTRIBUTE)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._check_state_access("state_dict()")
         state = {SAVED_KEY: self.encoder().detach().cpu()}
         for name in self.saved_modules:
             for param_name, tensor in self.model.get_submodule(name).state_dict().items():
@@ -415,6 +437,7 @@ class VirtualTokenHandle(MethodHandle):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._check_state_access("load_state_dict()")
         if SAVED_KEY not in state:
             raise AdapterFormatError(f"the adapter weights have no '{SAVED_KEY}' tensor (keys: "
                                      f"{sorted(state)[:5]}); is this a {self.config.method_name} "

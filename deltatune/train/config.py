@@ -1,7 +1,13 @@
-"""Training-loop settings: one dataclass, filled from CLI flags or YAML by deltatune.cli."""
+"""Training settings: one dataclass, the `train:` section of a run config. The loop reads the
+optimisation fields; the job reads the speed switches and applies them to the model around the
+loop (deltatune/train/speed.py). The annotations are checked once at the CLI/YAML boundary;
+`validate()` repeats the checks the loop cannot work without, for library callers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field
 
 from deltatune.errors import ConfigError
 
@@ -10,27 +16,37 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    epochs: int = 1
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    epochs: Annotated[int, Field(ge=1)] = 1
     # Optimizer steps; when set it overrides `epochs` (the data repeats as needed).
-    max_steps: int | None = None
-    batch_size: int = 8
-    gradient_accumulation: int = 1
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    gradient_accumulation: Annotated[int, Field(ge=1)] = 1
     grad_clip: float | None = 1.0
-    schedule: str = "linear"
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
     # Evaluate every N optimizer steps (None: only at the end).
-    eval_every: int | None = None
-    log_every: int = 10
+    eval_every: Annotated[int, Field(ge=1)] | None = None
+    log_every: Annotated[int, Field(ge=1)] = 10
     # Stop after this many evaluations without improvement of `metric_for_best`.
-    early_stopping_patience: int | None = None
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     metric_for_best: str | None = None
     greater_is_better: bool = True
+    # Write a resumable checkpoint every N optimizer steps (None: only on Ctrl-C).
+    save_every: Annotated[int, Field(ge=1)] | None = None
     # Several examples per row (padding-free) for causal-LM training; see docs/speed.md.
     packing: bool = True
-    seed: int = 0
+    # Speed switches, applied to the model for the loop only (deltatune/train/speed.py).
+    activation_checkpointing: bool = False
+    compile: bool = False
+    allocator: Literal["reuse", "release", "system"] = "reuse"
+    threads: Annotated[int, Field(ge=1)] | None = None
+    # Several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def validate(self) -> None:
         if self.learning_rate <= 0:

@@ -1,32 +1,118 @@
 """The method-agnostic training loop.
 
-It sees a `MethodHandle` (what to optimise), a source of ready batches per epoch (padding or
-packing is decided by the caller), an objective `(model, batch) -> ObjectiveOutput` and an
-optional evaluation callback. AdamW, linear/cosine schedule with warmup, gradient accumulation,
-clipping, periodic evaluation with early stopping on a chosen metric (the best adapter state is
-restored at the end), NaN detection, a progress bar with loss, tokens/s and ETA, and one
-metrics.jsonl line per logged step. New losses plug into the objective, never into this loop.
+Its contract is a few types: a `Trainable` target (a model plus its parameter groups and
+trainable state — `MethodHandle` satisfies it without this package importing `methods/`), a
+`BatchSource` (epoch -> micro-batches; padding or packing is the caller's choice), an `Objective`
+(`(model, batch) -> ObjectiveOutput` with named loss terms) and `Callback`s. The loop owns
+AdamW, the learning-rate schedule, gradient accumulation (a short last window is averaged over
+the micro-batches it has), clipping, NaN detection and the step counters; everything else —
+metrics log, progress bar, periodic evaluation, early stopping, checkpoints, pruning schedules —
+is a callback (deltatune.train.callbacks). Ctrl-C finishes the current step, lets the callbacks
+save a checkpoint and raises `TrainingInterrupted`. With a `Distributed` (deltatune.train.
+distributed) every rank runs this loop on its shard of each global micro-batch; the loss is
+weighted so that the gradient equals one process's on the whole global batch.
 """
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
 from deltatune.errors import TrainingError
-from deltatune.methods.base import MethodHandle
+from deltatune.train.checkpoint import capture_checkpoint
 from deltatune.train.config import TrainConfig
-from deltatune.train.run_dir import RunDirectory
 from deltatune.train.schedule import make_scheduler, warmup_steps_for
 
 Batch = dict[str, torch.Tensor]
 BatchSource = Callable[[int], Iterable[Batch]]  # epoch -> micro-batches of that epoch
-Objective = Callable[[torch.nn.Module, Batch], Any]
-Evaluate = Callable[[], dict[str, float]]
+Objective = Callable[[nn.Module, Batch], Any]  # -> ObjectiveOutput (loss, terms, token counts)
+
+
+class Trainable(Protocol):
+    """What the loop trains: `model` in place, through `parameter_groups`; `state_dict` /
+    `load_state_dict` are the trainable state (checkpoints, best-state restore)."""
+    model: nn.Module
+
+    def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Where training stands, passed to every callback. The counters are saved in checkpoints;
+    the references (`target`, `model`, `optimizer`, `scheduler`) are for callbacks to use."""
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` consumed so far
+    micro_batches: int = 0
+    input_tokens: int = 0
+    label_tokens: int = 0
+    elapsed_seconds: float = 0.0  # training time, summed over resumed sessions
+    loss: float = float("nan")  # the last step's loss
+    terms: dict[str, float] = field(default_factory=dict)  # the last step's loss terms
+    learning_rate: float = 0.0
+    stopped_early: bool = False
+    interrupted: bool = False
+    finished: bool = False
+    target: Any = None
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    is_main_process: bool = True
+    # Returns everything a checkpoint holds (set by the loop; see deltatune.train.checkpoint).
+    capture: Callable[[], dict[str, Any]] | None = None
+
+    COUNTERS = ("step", "epoch", "batch_in_epoch", "micro_batches", "input_tokens",
+                "label_tokens", "elapsed_seconds", "loss", "terms")
+
+    def counters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def load_counters(self, counters: dict[str, Any]) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, counters[name])
+
+
+class Callback:
+    """Hooks the loop calls; override what you need. `state_dict`/`load_state_dict` make a
+    callback's own progress part of a checkpoint (values may be tensors)."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def should_stop(self, state: TrainState) -> bool:
+        return False
+
+    def on_interrupt(self, state: TrainState) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; `checkpoint` is the folder a callback saved, if any."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = f"; checkpoint saved in {checkpoint}" if checkpoint else ""
+        super().__init__(f"interrupted after step {step}{where}")
 
 
 @dataclass
@@ -38,54 +124,11 @@ class TrainResult:
     wall_seconds: float
     final_loss: float
     stopped_early: bool = False
-    best_metrics: dict[str, float] | None = None
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    final_terms: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
         return self.input_tokens / max(self.wall_seconds, 1e-9)
-
-
-class _EarlyStopping:
-    """Tracks the best value of one eval metric and the adapter state that produced it."""
-
-    def __init__(self, metric: str | None, greater_is_better: bool, patience: int | None):
-        self.metric, self.greater, self.patience = metric, greater_is_better, patience
-        self.best_value: float | None = None
-        self.best_metrics: dict[str, float] | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.bad_evaluations = 0
-
-    def update(self, metrics: dict[str, float], handle: MethodHandle) -> bool:
-        """Records an evaluation; returns True when training should stop."""
-        if self.metric is None:
-            return False
-        if self.metric not in metrics:
-            raise TrainingError(f"metric_for_best '{self.metric}' is not among the evaluation "
-                                f"metrics {sorted(metrics)}; pick one of those")
-        value = metrics[self.metric]
-        improved = self.best_value is None or (
-            value > self.best_value if self.greater else value < self.best_value)
-        if improved:
-            self.best_value, self.best_metrics, self.bad_evaluations = value, metrics, 0
-            self.best_state = {k: v.detach().clone() for k, v in handle.state_dict().items()}
-            return False
-        self.bad_evaluations += 1
-        return self.patience is not None and self.bad_evaluations >= self.patience
-
-
-def _micro_batches(source: BatchSource, epochs: int | None) -> Iterator[tuple[int, Batch]]:
-    """Micro-batches across epochs; endless when `epochs` is None (max_steps decides)."""
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        produced = False
-        for batch in source(epoch):
-            produced = True
-            yield epoch, batch
-        if not produced:
-            raise TrainingError("the training data produced no batches; check that the dataset "
-                                "is not empty after filtering and truncation")
-        epoch += 1
 
 
 def total_optimizer_steps(config: TrainConfig, micro_batches_per_epoch: int) -> int:
@@ -94,13 +137,125 @@ def total_optimizer_steps(config: TrainConfig, micro_batches_per_epoch: int) -> 
     return max(1, math.ceil(micro_batches_per_epoch * config.epochs / config.gradient_accumulation))
 
 
-def make_optimizer(handle: MethodHandle, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = handle.parameter_groups(config.learning_rate, config.weight_decay)
+def make_optimizer(target: Trainable, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = target.parameter_groups(config.learning_rate, config.weight_decay)
     if not any(group["params"] for group in groups):
-        raise TrainingError(f"method '{handle.config.method_name}' left no trainable parameters")
+        raise TrainingError("nothing to train: the method left no trainable parameters")
     # foreach keeps the update to a few fused kernels instead of one per tensor.
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay,
                              foreach=True)
+
+
+def train(target: Trainable, batches: BatchSource, objective: Objective, config: TrainConfig,
+          callbacks: Sequence[Callback] = (), *, micro_batches_per_epoch: int | None = None,
+          model: nn.Module | None = None, distributed: Any = None,
+          resume: Any = None) -> TrainResult:
+    """Trains `target.model` in place and returns what happened (see the module docstring).
+
+    `model` is the module to call when it wraps `target.model` (DistributedDataParallel);
+    `distributed` the process group helper; `resume` a `Checkpoint` to continue from."""
+    config.validate()
+    model = model if model is not None else target.model
+    device = next(target.model.parameters()).device
+    if micro_batches_per_epoch is None and config.max_steps is None:
+        micro_batches_per_epoch = sum(1 for _ in batches(0))
+    total_steps = total_optimizer_steps(config, micro_batches_per_epoch or 0)
+    optimizer = make_optimizer(target, config)
+    scheduler = make_scheduler(optimizer, total_steps,
+                               warmup_steps_for(total_steps, config.warmup_steps,
+                                                config.warmup_ratio), config.schedule)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    state = TrainState(total_steps=total_steps, target=target, model=model, optimizer=optimizer,
+                       scheduler=scheduler,
+                       is_main_process=distributed is None or distributed.is_main)
+    state.learning_rate = scheduler.get_last_lr()[0]
+    state.capture = lambda: capture_checkpoint(state, callbacks)
+    if resume is not None:
+        resume.restore_training(state, callbacks)
+    epochs = None if config.max_steps is not None else config.epochs
+    stream = _micro_batches(batches, epochs, state.epoch, state.batch_in_epoch)
+    for callback in callbacks:
+        callback.on_train_start(state)
+    if resume is not None:
+        resume.restore_random_state()  # last, so nothing above shifts the dropout masks
+    model.train()
+    session_started, elapsed_before = time.perf_counter(), state.elapsed_seconds
+    try:
+        with _interrupt_requests(state):
+            while state.step < total_steps:
+                window = _next_window(stream, config.gradient_accumulation)
+                if not window:
+                    break
+                _train_step(model, window, objective, device, state, distributed)
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.learning_rate = scheduler.get_last_lr()[0]
+                state.elapsed_seconds = elapsed_before + time.perf_counter() - session_started
+                for callback in callbacks:
+                    callback.on_step_end(state)
+                if _agree(distributed, state.interrupted):
+                    _stop_for_interrupt(state, callbacks)
+                if any([callback.should_stop(state) for callback in callbacks]):
+                    state.stopped_early = True
+                    break
+            state.finished = True
+    finally:
+        model.eval()
+        for callback in callbacks:
+            callback.on_train_end(state)
+    return TrainResult(state.step, state.micro_batches, state.input_tokens, state.label_tokens,
+                       state.elapsed_seconds, state.loss, state.stopped_early, dict(state.terms))
+
+
+# -- one optimizer step ----------------------------------------------------------------------
+
+def _train_step(model: nn.Module, window: list[tuple[int, int, Batch]], objective: Objective,
+                device: torch.device, state: TrainState, distributed: Any) -> None:
+    """Forward and backward over the window's micro-batches, each weighing 1/len(window);
+    updates the counters, the step's loss and its named terms."""
+    totals: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros(2, dtype=torch.float64)
+    for index, (epoch, position, batch) in enumerate(window):
+        last = index == len(window) - 1
+        sync = distributed.gradient_sync(model, last) if distributed else nullcontext()
+        with sync:
+            output = objective(model, _to_device(batch, device))
+            weight = _loss_weight(output, distributed)
+            loss = output.loss
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {state.step + 1}; "
+                                    "lower the learning rate or enable grad_clip")
+            (loss * (weight / len(window))).backward()
+        # Logged values: this process's part of the global window mean (summed over ranks).
+        share = weight / (len(window) * (distributed.world_size if distributed else 1))
+        for name, value in {"loss": loss, **output.terms}.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().double().cpu() * share
+        tokens += torch.tensor([output.input_tokens, output.label_tokens], dtype=torch.float64)
+        state.micro_batches += 1
+        state.epoch, state.batch_in_epoch = epoch, position + 1
+    names = list(totals)
+    values = torch.stack([torch.as_tensor(totals[n]) for n in names] + list(tokens))
+    if distributed:
+        values = distributed.all_reduce_sum(values)
+    state.loss = float(values[0])
+    state.terms = {name: float(values[i]) for i, name in enumerate(names) if name != "loss"}
+    state.input_tokens += int(values[-2])
+    state.label_tokens += int(values[-1])
+
+
+def _loss_weight(output: Any, distributed: Any) -> float:
+    """This process's weight for its micro-batch loss: 1 alone; with several processes its
+    label share of the global micro-batch times the world size, because DDP averages the
+    gradients over processes — so the result is the global micro-batch's token mean."""
+    if distributed is None:
+        return 1.0
+    local = float(output.label_tokens)
+    total = float(distributed.all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
+    return local * distributed.world_size / max(total, 1.0)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -108,111 +263,71 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
             for k, v in batch.items()}
 
 
-def train(handle: MethodHandle, batches: BatchSource, micro_batches_per_epoch: int,
-          objective: Objective, config: TrainConfig, run: RunDirectory | None = None,
-          evaluate: Evaluate | None = None, show_progress: bool = True) -> TrainResult:
-    """Trains `handle.model` in place; returns what happened. See the module docstring."""
-    config.validate()
-    model = handle.model
-    device = next(model.parameters()).device
-    total_steps = total_optimizer_steps(config, micro_batches_per_epoch)
-    optimizer = make_optimizer(handle, config)
-    scheduler = make_scheduler(optimizer, total_steps,
-                               warmup_steps_for(total_steps, config.warmup_steps,
-                                                config.warmup_ratio), config.schedule)
-    stopper = _EarlyStopping(config.metric_for_best, config.greater_is_better,
-                             config.early_stopping_patience)
-    trainable = handle.trainable_parameters()
-    result = TrainResult(0, 0, 0, 0, 0.0, float("nan"))
-    epochs = None if config.max_steps is not None else config.epochs
-    stream = _micro_batches(batches, epochs)
-    window_loss, window_count = 0.0, 0
-    model.train()
-    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not show_progress,
-                    dynamic_ncols=True)
-    started = time.perf_counter()
-    try:
-        while result.steps < total_steps:
-            step_loss, epoch = _accumulate(model, stream, objective, config, device, result)
-            if epoch is None:
-                break
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.steps += 1
-            result.final_loss = step_loss
-            window_loss, window_count = window_loss + step_loss, window_count + 1
-            elapsed = time.perf_counter() - started
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}",
-                                 tok_s=f"{result.input_tokens / max(elapsed, 1e-9):.0f}")
-            if result.steps % config.log_every == 0 or result.steps == total_steps:
-                _log_step(run, result, epoch, window_loss / window_count,
-                          scheduler.get_last_lr()[0], elapsed)
-                window_loss, window_count = 0.0, 0
-            if evaluate and config.eval_every and result.steps % config.eval_every == 0 \
-                    and result.steps < total_steps:
-                if _evaluate_and_check(evaluate, model, stopper, handle, result, run):
-                    result.stopped_early = True
-                    break
-    finally:
-        progress.close()
-        model.eval()
-    result.wall_seconds = time.perf_counter() - started
-    _restore_best(stopper, handle, result)
-    return result
+# -- data position ---------------------------------------------------------------------------
+
+def _micro_batches(source: BatchSource, epochs: int | None, start_epoch: int = 0,
+                   skip: int = 0) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, index in epoch, batch) across epochs from (start_epoch, skip); endless when
+    `epochs` is None (max_steps decides). Skipped batches are built but not run, so a resumed
+    run sees exactly the batches an uninterrupted one would."""
+    epoch = start_epoch
+    while epochs is None or epoch < epochs:
+        produced = False
+        for index, batch in enumerate(source(epoch)):
+            produced = True
+            if epoch == start_epoch and index < skip:
+                continue
+            yield epoch, index, batch
+        if not produced:
+            raise TrainingError("the training data produced no batches; check that the dataset "
+                                "is not empty after filtering and truncation")
+        epoch += 1
 
 
-def _accumulate(model: torch.nn.Module, stream: Iterator[tuple[int, Batch]], objective: Objective,
-                config: TrainConfig, device: torch.device,
-                result: TrainResult) -> tuple[float, int | None]:
-    """Runs `gradient_accumulation` micro-batches forward and backward; returns the mean loss."""
-    total, epoch = 0.0, None
-    for _ in range(config.gradient_accumulation):
-        try:
-            epoch, batch = next(stream)
-        except StopIteration:
+def _next_window(stream: Iterator[tuple[int, int, Batch]],
+                 size: int) -> list[tuple[int, int, Batch]]:
+    window = []
+    for item in stream:
+        window.append(item)
+        if len(window) == size:
             break
-        output = objective(model, _to_device(batch, device))
-        loss = output.loss
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {result.steps + 1}; lower "
-                                "the learning rate or enable grad_clip")
-        (loss / config.gradient_accumulation).backward()
-        total += loss.item()
-        result.micro_batches += 1
-        result.input_tokens += int(output.input_tokens)
-        result.label_tokens += int(output.label_tokens)
-    return total / config.gradient_accumulation, epoch
+    return window
 
 
-def _log_step(run: RunDirectory | None, result: TrainResult, epoch: int, loss: float, lr: float,
-              elapsed: float) -> None:
-    if run is None:
+# -- Ctrl-C ----------------------------------------------------------------------------------
+
+@contextmanager
+def _interrupt_requests(state: TrainState) -> Iterator[None]:
+    """The first Ctrl-C asks the loop to stop after the current step (and save); a second one
+    aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    run.log({"step": result.steps, "epoch": epoch, "loss": round(loss, 6), "lr": lr,
-             "tokens": result.input_tokens, "label_tokens": result.label_tokens,
-             "tokens_per_second": round(result.input_tokens / max(elapsed, 1e-9), 2),
-             "elapsed_seconds": round(elapsed, 3)})
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if state.interrupted:
+            raise KeyboardInterrupt
+        state.interrupted = True
+        print("\ninterrupt: finishing this step and saving a checkpoint "
+              "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def _evaluate_and_check(evaluate: Evaluate, model: torch.nn.Module, stopper: _EarlyStopping,
-                        handle: MethodHandle, result: TrainResult,
-                        run: RunDirectory | None) -> bool:
-    model.eval()
-    metrics = evaluate()
-    model.train()
-    result.evaluations.append({"step": result.steps, **metrics})
-    if run is not None:
-        run.log({"step": result.steps, **{f"eval_{k}": v for k, v in metrics.items()}})
-    return stopper.update(metrics, handle)
+def _agree(distributed: Any, flag: bool) -> bool:
+    """True when any process has the flag (all ranks must stop at the same step)."""
+    if distributed is None:
+        return flag
+    return bool(distributed.all_reduce_sum(torch.tensor([float(flag)]))[0] > 0)
 
 
-def _restore_best(stopper: _EarlyStopping, handle: MethodHandle, result: TrainResult) -> None:
-    """With early stopping on, the model ends with the best evaluated adapter state, unless the
-    final state (evaluated by the caller) might be better: then the caller compares."""
-    result.best_metrics = stopper.best_metrics
-    if stopper.best_state is not None and result.stopped_early:
-        handle.load_state_dict(stopper.best_state)
+def _stop_for_interrupt(state: TrainState, callbacks: Sequence[Callback]) -> None:
+    state.interrupted = True
+    for callback in callbacks:
+        callback.on_interrupt(state)
+    saved = [getattr(c, "last_saved", None) for c in callbacks if getattr(c, "last_saved", None)]
+    raise TrainingInterrupted(state.step, str(saved[-1]) if saved else None)

@@ -1,10 +1,12 @@
 """Switches that trade memory, time and start-up cost during training, each measured in
-docs/speed.md: packed attention (per-example attention for packed batches), the fused gated MLP
+docs/speed.md: the output head fused with the loss (deltatune/models/fused_loss.py: no
+full-vocabulary logits), packed attention (per-example attention for packed batches), the fused
+gated MLP
 (less activation memory, deltatune/train/fused_mlp.py), activation
 checkpointing (recompute each decoder layer in backward instead of storing its activations),
 torch.compile of the decoder layers, and the CPU allocator policy. `apply_speed_options(model,
-SpeedOptions(...))` turns on the chosen ones; packed attention (which changes nothing for padded
-batches), the fused MLP and the "reuse" allocator policy are on by default.
+SpeedOptions(...))` turns on the chosen ones; the fused loss, packed attention (which changes
+nothing for padded batches), the fused MLP and the "reuse" allocator policy are on by default.
 """
 from __future__ import annotations
 
@@ -19,13 +21,20 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.models.fused_loss import install_fused_loss, remove_fused_loss
 from deltatune.train.fused_mlp import fuse_gated_mlps, unfuse_gated_mlps
 from deltatune.train.packed_attention import enable_packed_attention
+from deltatune.train.packed_classification import (install_packed_classification,
+                                                   remove_packed_classification)
 
 
 @dataclass
 class SpeedOptions:
+    fused_loss: bool = True
     packed_attention: bool = True
+    # One row of logits per packed sentence (first-token pooling; deltatune/train/
+    # packed_classification.py). Only for classification on packed rows.
+    packed_classification: bool = False
     fused_mlp: bool = True
     activation_checkpointing: bool = False
     checkpoint_every_n_layers: int = 1
@@ -41,8 +50,14 @@ class SpeedOptions:
 def apply_speed_options(model: nn.Module, options: SpeedOptions) -> None:
     """Turns on the chosen switches on a transformers model (after the method is applied)."""
     set_allocator_policy(options.allocator)
+    if options.fused_loss:
+        # First: its exactness probe must run the model before anything is compiled.
+        install_fused_loss(model)
     if options.packed_attention:
         enable_packed_attention(model)
+    if options.packed_classification and not install_packed_classification(model):
+        raise ConfigError(f"{type(model).__name__} cannot classify packed rows exactly; train "
+                          "it with packing off")
     if options.fused_mlp:
         fuse_gated_mlps(model)
     if options.activation_checkpointing:
@@ -53,15 +68,17 @@ def apply_speed_options(model: nn.Module, options: SpeedOptions) -> None:
 
 @contextmanager
 def speed_options_applied(model: nn.Module, options: SpeedOptions) -> Iterator[None]:
-    """`apply_speed_options` for the duration of the block, then the model's own attention,
-    MLP forward and (no) checkpointing again, so evaluation and generation afterwards run the
-    model as loaded. Compiled layers stay compiled (same outputs); the allocator policy is
+    """`apply_speed_options` for the duration of the block, then the model's own forward,
+    attention, MLP forward and (no) checkpointing again, so evaluation and generation afterwards
+    run the model as loaded. Compiled layers stay compiled (same outputs); the allocator policy is
     process-wide and stays."""
     attention = model.config._attn_implementation
     apply_speed_options(model, options)
     try:
         yield
     finally:
+        remove_fused_loss(model)
+        remove_packed_classification(model)
         unfuse_gated_mlps(model)
         if options.packed_attention:
             model.set_attn_implementation(attention)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.data import (DataConfig, build_datasets, discover_label_names, sample_records,
+from deltatune.data import (DataConfig, TextBlockEncoding, build_datasets, discover_label_names,
+                            sample_records,
                             split_records)
 from deltatune.data.templates import IGNORE_INDEX
 from deltatune.errors import ConfigError, DataError
@@ -50,8 +51,8 @@ def test_sample_records_is_seeded_and_ordered():
 @pytest.mark.parametrize("options,message", [
     ({}, "exactly one of data.train"),
     ({"train": "a.jsonl", "builtin": "dates"}, "exactly one of data.train"),
-    ({"builtin": "dates", "task": "classification"}, "use it with task causal-lm"),
-    ({"builtin": "dates", "task": "seq2seq"}, "unknown task 'seq2seq'"),
+    ({"builtin": "dates", "encoding": "classification"}, "use it with task causal-lm"),
+    ({"builtin": "dates", "encoding": "seq2seq"}, "unknown task 'seq2seq'"),
     ({"builtin": "dates", "template": "vicuna"}, "unknown template 'vicuna'"),
     ({"builtin": "dates", "eval_fraction": 1.0}, "eval_fraction"),
     ({"builtin": "dates", "max_length": 1}, "max_length"),
@@ -59,15 +60,16 @@ def test_sample_records_is_seeded_and_ordered():
     ({"builtin": "colors"}, "unknown built-in task"),
 ])
 def test_config_errors(smollm2_tokenizer, options, message):
+    encoding = options.pop("encoding", "causal-lm")
     with pytest.raises(ConfigError, match=message):
-        build_datasets(DataConfig(**options), smollm2_tokenizer)
+        build_datasets(DataConfig(**options), smollm2_tokenizer, encoding)
 
 
 def test_builtin_dates_end_to_end(smollm2_tokenizer):
-    config = DataConfig(builtin="dates", builtin_train_size=40, builtin_eval_size=8, seed=5,
+    config = DataConfig(builtin="dates", builtin_train_size=40, builtin_eval_size=8,
                         template="alpaca", max_length=128)
-    data = build_datasets(config, smollm2_tokenizer)
-    again = build_datasets(config, smollm2_tokenizer)
+    data = build_datasets(config, smollm2_tokenizer, seed=5)
+    again = build_datasets(config, smollm2_tokenizer, seed=5)
     assert data.train == again.train and data.eval == again.eval
     assert len(data.train) == 40 and len(data.eval) == 8
     example = data.eval[0]
@@ -88,15 +90,15 @@ def test_instruction_file_split_limit_and_drops(smollm2_tokenizer, tmp_path):
     records = [{"instruction": f"Repeat {index}", "output": f"{index}"} for index in range(30)]
     records.append({"instruction": "word " * 200, "output": "never seen"})
     source = write_jsonl(tmp_path / "train.jsonl", records)
-    config = DataConfig(train=source, eval_fraction=0.2, max_length=64, seed=1)
-    data = build_datasets(config, smollm2_tokenizer)
+    config = DataConfig(train=source, eval_fraction=0.2, max_length=64)
+    data = build_datasets(config, smollm2_tokenizer, seed=1)
     assert data.info["train_records"] + data.info["eval_records"] == 31
     assert data.info["eval_records"] == 6
     assert data.info["train_dropped"] + data.info["eval_dropped"] == 1
     assert len(data.train) + len(data.eval) == 30
     assert all(len(example["input_ids"]) <= 64 for example in data.train + data.eval)
-    limited = build_datasets(DataConfig(train=source, train_limit=5, eval_limit=2, seed=1),
-                             smollm2_tokenizer)
+    limited = build_datasets(DataConfig(train=source, train_limit=5, eval_limit=2),
+                             smollm2_tokenizer, seed=1)
     assert limited.info["train_records"] == 5 and limited.info["eval_records"] == 2
 
 
@@ -118,7 +120,7 @@ def test_missing_instruction_columns_are_reported(smollm2_tokenizer, tmp_path):
 
 
 def test_placeholders_from_config(smollm2_tokenizer, shared_data):
-    config = DataConfig(train=str(shared_data / "instruct" / "identity.json"), seed=0,
+    config = DataConfig(train=str(shared_data / "instruct" / "identity.json"),
                         placeholders={"name": "DeltaBot", "author": "Acme"}, max_length=256)
     data = build_datasets(config, smollm2_tokenizer)
     assert data.info["unfilled_placeholders"] == 0
@@ -144,8 +146,8 @@ def test_sst2_classification_with_different_eval_columns(minilm_tokenizer, share
     config = DataConfig(train=str(shared_data / "sst2" / "train.tsv"),
                         eval=str(shared_data / "sst2" / "dev.tsv"),
                         columns={"text": "sentence"}, eval_columns={"text": "content"},
-                        task="classification", max_length=64, train_limit=300, eval_limit=50)
-    data = build_datasets(config, minilm_tokenizer)
+                        max_length=64, train_limit=300, eval_limit=50)
+    data = build_datasets(config, minilm_tokenizer, "classification")
     assert data.info["label_names"] == ["0", "1"] and data.info["num_labels"] == 2
     assert len(data.train) == 300 and len(data.eval) == 50
     assert {example["label"] for example in data.train} == {0, 1}
@@ -154,14 +156,14 @@ def test_sst2_classification_with_different_eval_columns(minilm_tokenizer, share
     assert all(len(e["input_ids"]) <= 64 for e in data.train + data.eval)
     assert "train_loss_token_fraction" not in data.info
     with pytest.raises(DataError, match="columns present: label, content"):
-        build_datasets(DataConfig(train=config.train, eval=config.eval, columns=config.columns,
-                                  task="classification"), minilm_tokenizer)
+        build_datasets(DataConfig(train=config.train, eval=config.eval, columns=config.columns),
+                       minilm_tokenizer, "classification")
 
 
 def test_trec_string_labels_and_stratified_split(minilm_tokenizer, shared_data):
-    config = DataConfig(train=str(shared_data / "trec" / "train.tsv"), task="classification",
-                        max_length=32, eval_fraction=0.05, seed=2)
-    data = build_datasets(config, minilm_tokenizer)
+    config = DataConfig(train=str(shared_data / "trec" / "train.tsv"),
+                        max_length=32, eval_fraction=0.05)
+    data = build_datasets(config, minilm_tokenizer, "classification", seed=2)
     assert data.info["label_names"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
     assert {e["label"] for e in data.eval} == set(range(6))
     assert data.info["train_records"] + data.info["eval_records"] == 5322
@@ -172,16 +174,17 @@ def test_eval_label_unseen_in_train_is_an_error(minilm_tokenizer, tmp_path):
                                                    {"text": "b", "label": "neg"}])
     evaluation = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c", "label": "neutral"}])
     with pytest.raises(DataError, match=r"eval.jsonl record 1: label 'neutral' is not one of"):
-        build_datasets(DataConfig(train=train, eval=evaluation, task="classification"),
-                       minilm_tokenizer)
+        build_datasets(DataConfig(train=train, eval=evaluation), minilm_tokenizer,
+                       "classification")
     int_train = write_jsonl(tmp_path / "int_train.jsonl", [{"text": "a", "label": 0},
                                                            {"text": "b", "label": 2}])
     int_eval = write_jsonl(tmp_path / "int_eval.jsonl", [{"text": "c", "label": 1}])
     with pytest.raises(DataError, match=r"label 1 never occurs in the training data"):
-        build_datasets(DataConfig(train=int_train, eval=int_eval, task="classification"),
-                       minilm_tokenizer)
-    data = build_datasets(DataConfig(train=int_train, eval=int_eval, task="classification",
-                                     label_names=["a", "b", "c"]), minilm_tokenizer)
+        build_datasets(DataConfig(train=int_train, eval=int_eval), minilm_tokenizer,
+                       "classification")
+    data = build_datasets(DataConfig(train=int_train, eval=int_eval,
+                                     label_names=["a", "b", "c"]), minilm_tokenizer,
+                          "classification")
     assert data.eval[0]["label"] == 1
 
 
@@ -189,24 +192,25 @@ def test_missing_label_column(minilm_tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"sentence": "a", "label": 1}])
     with pytest.raises(DataError, match=r"missing column\(s\) text; columns present: sentence, "
                                         r"label"):
-        build_datasets(DataConfig(train=train, task="classification"), minilm_tokenizer)
+        build_datasets(DataConfig(train=train), minilm_tokenizer, "classification")
 
 
 def test_text_task_splits_documents_before_blocking(smollm2_tokenizer, shared_data):
-    config = DataConfig(train=str(shared_data / "text" / "c4_demo.jsonl"), task="text",
+    config = DataConfig(train=str(shared_data / "text" / "c4_demo.jsonl"),
                         max_length=128, train_limit=20, eval_limit=5, eval_fraction=0.1)
-    data = build_datasets(config, smollm2_tokenizer)
+    data = build_datasets(config, smollm2_tokenizer, "text")
     assert data.info["train_records"] == 20 and data.info["eval_records"] == 5
     assert all(len(block["input_ids"]) <= 128 for block in data.train + data.eval)
     assert all(block["labels"] == block["input_ids"] for block in data.train)
     assert data.info["train_loss_token_fraction"] == 1.0
-    assert build_datasets(config, smollm2_tokenizer, task="text").train == data.train
+    assert build_datasets(config, smollm2_tokenizer, TextBlockEncoding()).train == data.train
 
 
 def test_discover_label_names_matches_build_datasets(minilm_tokenizer, shared_data):
-    config = DataConfig(train=str(shared_data / "trec" / "train.tsv"), task="classification",
+    config = DataConfig(train=str(shared_data / "trec" / "train.tsv"),
                         max_length=32, train_limit=200, eval_fraction=0.1)
-    assert discover_label_names(config) == build_datasets(config, minilm_tokenizer).info[
+    assert discover_label_names(config) == build_datasets(config, minilm_tokenizer,
+                                                          "classification").info[
         "label_names"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    given = DataConfig(train="not-read.tsv", task="classification", label_names=["b", "a"])
+    given = DataConfig(train="not-read.tsv", label_names=["b", "a"])
     assert discover_label_names(given) == ["b", "a"]

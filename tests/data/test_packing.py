@@ -11,7 +11,7 @@ from deltatune.data.collate import iterate_batches, pad_batch
 from deltatune.data.packing import (collate_packed, pack_examples, packed_batches,
                                     packing_stats, plan_rows)
 from deltatune.errors import ConfigError
-from deltatune.train.objectives import model_inputs
+from deltatune.data.collate import model_inputs
 from deltatune.train.packed_attention import (PACKED_ATTENTION, enable_packed_attention,
                                               segment_lengths_per_row)
 from tests.conftest import tiny_llama

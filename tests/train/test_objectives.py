@@ -1,6 +1,8 @@
-"""Objectives on tiny models: the chunked causal-LM loss equals the plain full-logits loss in value
-and gradients (tied, untied, LoRA-wrapped heads; padded and packed batches), never builds the full
-logits, computes nothing for frozen embeddings; classification and extra loss terms."""
+"""Objectives on tiny models: the fused (chunked) head + causal-LM loss, installed as a model change,
+equals the plain full-logits loss in value and gradients (tied, untied, LoRA-wrapped heads; padded
+and packed batches), goes through the model's forward, never builds the full logits, computes
+nothing for frozen embeddings, and is refused for heads it cannot fuse exactly; classification and
+named loss terms."""
 from __future__ import annotations
 
 import pytest
@@ -11,8 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import deltatune
 from deltatune.data.packing import collate_packed, pack_examples
 from deltatune.methods.lora import LoraConfig
-from deltatune.train.objectives import (ClassificationObjective, CausalLMObjective,
-                                        ObjectiveOutput, linear_cross_entropy_sum)
+from deltatune.errors import ConfigError
+from deltatune.models.fused_loss import (fused_loss_installed, install_fused_loss,
+                                         linear_cross_entropy_sum, remove_fused_loss)
+from deltatune.train.objectives import (ClassificationObjective, CausalLMObjective, FunctionTerm,
+                                        ObjectiveOutput)
 from deltatune.train.packed_attention import enable_packed_attention
 from tests.conftest import tiny_bert, tiny_llama
 
@@ -45,6 +50,12 @@ def _loss_and_grads(model, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
+def _fused_loss(model, batch, chunk_size: int = 256) -> torch.Tensor:
+    with fused_loss_installed(model, chunk_size) as installed:
+        assert installed
+        return CausalLMObjective()(model, batch).loss
+
+
 def _assert_same(a: tuple[float, dict], b: tuple[float, dict], tolerance: float) -> None:
     assert a[0] == pytest.approx(b[0], abs=tolerance)
     assert a[1].keys() == b[1].keys() and a[1]
@@ -58,7 +69,7 @@ def _assert_same(a: tuple[float, dict], b: tuple[float, dict], tolerance: float)
 def test_chunked_loss_and_gradients_equal_full_logits(tie, chunk_size):
     model = tiny_llama(tie=tie)
     batch = _padded_batch()
-    chunked = _loss_and_grads(model, lambda: CausalLMObjective(chunk_size)(model, batch).loss)
+    chunked = _loss_and_grads(model, lambda: _fused_loss(model, batch, chunk_size))
     reference = _loss_and_grads(model, lambda: _reference_loss(model, batch))
     _assert_same(chunked, reference, 1e-6)
     assert "lm_head.weight" in chunked[1] or tie  # the untied head is trained and checked
@@ -67,8 +78,9 @@ def test_chunked_loss_and_gradients_equal_full_logits(tie, chunk_size):
 def test_plain_path_matches_too_and_counts_tokens():
     model = tiny_llama()
     batch = _padded_batch()
-    plain = CausalLMObjective(chunked=False)(model, batch)
-    chunked = CausalLMObjective()(model, batch)
+    plain = CausalLMObjective()(model, batch)
+    with fused_loss_installed(model):
+        chunked = CausalLMObjective()(model, batch)
     assert plain.loss.item() == pytest.approx(chunked.loss.item(), abs=1e-6)
     assert chunked.label_tokens == int((batch["labels"][:, 1:] != -100).sum()) == 16
     assert chunked.input_tokens == 14 + 9 + 5
@@ -77,7 +89,7 @@ def test_plain_path_matches_too_and_counts_tokens():
 def test_double_precision_is_exact():
     model = tiny_llama(tie=False).double()
     batch = _padded_batch()
-    chunked = _loss_and_grads(model, lambda: CausalLMObjective(4)(model, batch).loss)
+    chunked = _loss_and_grads(model, lambda: _fused_loss(model, batch, 4))
     reference = _loss_and_grads(model, lambda: _reference_loss(model, batch))
     _assert_same(chunked, reference, 1e-12)
 
@@ -99,11 +111,13 @@ def test_full_logits_never_exist_forward_or_backward():
     model = tiny_llama(vocab_size=4096)
     batch = _padded_batch()
     rows, length = batch["input_ids"].shape
-    for objective, expect_full in ((CausalLMObjective(chunk_size=8), False),
-                                   (CausalLMObjective(chunked=False), True)):
+    for fused in (True, False):
+        if fused:
+            install_fused_loss(model, chunk_size=8)
         with _LargestTensor() as recorder:
-            objective(model, batch).loss.backward()
-        assert (recorder.largest >= rows * (length - 1) * 4096) == expect_full
+            CausalLMObjective()(model, batch).loss.backward()
+        assert (recorder.largest >= rows * (length - 1) * 4096) == (not fused)
+        remove_fused_loss(model)
 
 
 def test_frozen_embeddings_and_tied_head_get_no_gradient_work():
@@ -112,8 +126,8 @@ def test_frozen_embeddings_and_tied_head_get_no_gradient_work():
     inputs_need_grad = []
     model.model.layers[0].register_forward_pre_hook(
         lambda module, args: inputs_need_grad.append(args[0].requires_grad))
-    CausalLMObjective()(model, _padded_batch()).loss.backward()
-    assert inputs_need_grad == [False]
+    _fused_loss(model, _padded_batch()).backward()
+    assert inputs_need_grad and not any(inputs_need_grad)  # the exactness probe, the batch
     assert model.model.embed_tokens.weight.grad is None
     assert all(p.grad is not None for p in handle.trainable_parameters())
 
@@ -134,7 +148,7 @@ def test_lora_wrapped_head_is_called_as_a_module():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)  # B = 0 at init would hide a wrong head path
     batch = _padded_batch()
-    chunked = _loss_and_grads(model, lambda: CausalLMObjective(3)(model, batch).loss)
+    chunked = _loss_and_grads(model, lambda: _fused_loss(model, batch, 3))
     reference = _loss_and_grads(model, lambda: _reference_loss(model, batch))
     _assert_same(chunked, reference, 1e-6)
     assert any("lm_head.lora_A" in name for name in chunked[1])
@@ -149,10 +163,10 @@ def test_packed_batch_loss_equals_padded_batch_loss():
                          "labels": batch["labels"][row][keep].tolist()})
     packed = collate_packed(pack_examples(examples), pad_token_id=0)
     model = tiny_llama()
-    padded = _loss_and_grads(model, lambda: CausalLMObjective()(model, batch).loss)
-    hf_packed = _loss_and_grads(model, lambda: CausalLMObjective()(model, packed).loss)
+    padded = _loss_and_grads(model, lambda: _fused_loss(model, batch))
+    hf_packed = _loss_and_grads(model, lambda: _fused_loss(model, packed))
     enable_packed_attention(model)
-    own_packed = _loss_and_grads(model, lambda: CausalLMObjective()(model, packed).loss)
+    own_packed = _loss_and_grads(model, lambda: _fused_loss(model, packed))
     _assert_same(hf_packed, padded, 1e-5)
     _assert_same(own_packed, padded, 1e-5)
 
@@ -161,7 +175,8 @@ def test_no_labelled_token_gives_zero_loss_that_backpropagates():
     model = tiny_llama()
     batch = _padded_batch()
     batch["labels"][:] = -100
-    output = CausalLMObjective()(model, batch)
+    with fused_loss_installed(model):
+        output = CausalLMObjective()(model, batch)
     output.loss.backward()
     assert output.loss.item() == 0.0 and output.label_tokens == 0
 
@@ -170,12 +185,12 @@ def test_evaluation_without_grad():
     model = tiny_llama()
     batch = _padded_batch()
     with torch.no_grad():
-        loss = CausalLMObjective(chunk_size=2)(model, batch).loss
+        loss = _fused_loss(model, batch, 2)
     assert not loss.requires_grad
     assert loss.item() == pytest.approx(_reference_loss(model, batch).item(), abs=1e-6)
 
 
-def test_extra_terms_are_added_and_see_the_output():
+def test_named_terms_are_weighted_reported_and_see_the_output():
     model = tiny_llama()
     batch = _padded_batch()
     seen: list[ObjectiveOutput] = []
@@ -185,9 +200,62 @@ def test_extra_terms_are_added_and_see_the_output():
         return sum(p.pow(2).sum() for p in model.model.norm.parameters())
 
     base = CausalLMObjective()(model, batch).loss.item()
-    total = CausalLMObjective(extra_terms=[penalty])(model, batch)
-    assert total.loss.item() == pytest.approx(base + 32.0, abs=1e-5)  # RMSNorm weights are 1
+    total = CausalLMObjective([FunctionTerm("norm", penalty, weight=0.5)])(model, batch)
+    assert total.loss.item() == pytest.approx(base + 0.5 * 32.0, abs=1e-5)  # RMSNorm weights: 1
+    assert set(total.terms) == {"ce", "norm"}
+    assert total.terms["ce"].item() == pytest.approx(base, abs=1e-6)
+    assert total.terms["norm"].item() == pytest.approx(32.0)
     assert seen and seen[0].label_tokens == 16
+
+
+def test_term_names_must_be_unique():
+    one = FunctionTerm("kl", lambda m, b, o: torch.tensor(0.0))
+    with pytest.raises(ConfigError, match=r"\['kl'\] used twice"):
+        CausalLMObjective([one, FunctionTerm("kl", one.function)])
+    with pytest.raises(ConfigError, match=r"\['ce'\] used twice"):
+        CausalLMObjective([FunctionTerm("ce", one.function)])
+
+
+class _ScaledHead(torch.nn.Module):
+    """A model-level change the head alone does not show: the model's forward post-processes
+    the logits (as Gemma's soft-capping does). The fused loss must refuse it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        output = self.model(*args, **kwargs)
+        output.logits = 30.0 * torch.tanh(output.logits / 30.0) * 2.0
+        return output
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.model.get_decoder()
+
+
+def test_a_head_it_cannot_fuse_takes_the_plain_path_never_a_wrong_loss():
+    model = _ScaledHead(tiny_llama())
+    batch = _padded_batch()
+    with fused_loss_installed(model) as installed:
+        loss = CausalLMObjective()(model, batch).loss
+    assert not installed
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_the_loss_goes_through_the_model_forward_and_wrappers():
+    """A wrapper's forward (DDP's gradient sync, FSDP's unsharding) must run: the fused loss
+    is computed inside `model(...)`, so a forward hook on the model sees every loss call."""
+    model = tiny_llama()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(type(output).__name__))
+    _fused_loss(model, _padded_batch())
+    assert calls[-1] == "LabelLoss"
 
 
 def test_classification_objective():
@@ -196,7 +264,8 @@ def test_classification_objective():
     input_ids = torch.randint(0, VOCAB, (4, 9), generator=generator)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
              "labels": torch.tensor([0, 2, 1, 2])}
-    output = ClassificationObjective(extra_terms=[lambda m, b, o: torch.tensor(1.0)])(model, batch)
+    output = ClassificationObjective([FunctionTerm("one", lambda m, b, o: torch.tensor(1.0))])(
+        model, batch)
     expected = F.cross_entropy(model(input_ids=input_ids).logits, batch["labels"]).item() + 1.0
     assert output.loss.item() == pytest.approx(expected, abs=1e-6)
     assert (output.label_tokens, output.input_tokens) == (4, 36)
@@ -215,7 +284,7 @@ def test_activation_checkpointing_keeps_gradients_and_frozen_inputs():
         model.model.layers[0].register_forward_pre_hook(
             lambda module, args: inputs_need_grad.append(args[0].requires_grad))
         results.append(_loss_and_grads(model, lambda: CausalLMObjective()(model, batch).loss))
-        assert inputs_need_grad == [False]
+        assert inputs_need_grad and not any(inputs_need_grad)  # the fused loss's probe, batch
         assert model.is_activation_checkpointing == checkpointing
     _assert_same(results[1], results[0], 1e-6)
 

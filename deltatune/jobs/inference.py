@@ -1,0 +1,143 @@
+"""Loading a trained run (or a base model plus an adapter folder) back for inference:
+`evaluate_saved(EvalRequest)` serves `deltatune eval`, `generate_text(GenerateRequest)` serves
+`deltatune generate`. Requests are plain dataclasses; the CLI fills them from its flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.data import DataConfig, build_datasets
+from deltatune.data.templates import render_prompt
+from deltatune.errors import ConfigError
+from deltatune.eval.evaluate import stop_token_ids
+from deltatune.jobs.prepare import set_seed
+from deltatune.jobs.summary import rounded
+from deltatune.jobs.tasks import get_task
+from deltatune.methods.adapter_io import load_adapter
+from deltatune.methods.base import MethodHandle
+from deltatune.models import LoadedModel, load_model
+from deltatune.spec import RunSpec, read_run_spec
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class EvalRequest:
+    """Evaluate `model` (+ `adapter`) or a run directory on `data` (default: the run's own eval
+    split). Unset fields keep the run's settings."""
+    model: str | None = None
+    run: str | None = None
+    adapter: str | None = None
+    data: str | None = None
+    task: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    template: str | None = None
+    metric: str | None = None
+    max_length: int | None = None
+    limit: int | None = None
+    batch_size: int = 32
+    progress: bool = True
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    model: str | None = None
+    run: str | None = None
+    adapter: str | None = None
+    system: str | None = None
+    # None: the chat template when the tokenizer has one, else alpaca; "none": the raw prompt.
+    template: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def load_for_inference(model: str | None, adapter: str | None, run_dir: str | None,
+                       task_name: str = "causal-lm"
+                       ) -> tuple[LoadedModel, MethodHandle | None, RunSpec | None]:
+    """A base model plus, optionally, an adapter folder or a run directory's adapter."""
+    spec = read_run_spec(run_dir) if run_dir else None
+    if spec is not None:
+        model = model or spec.model
+        task_name = spec.task
+        adapter = adapter or str(Path(run_dir) / "adapter")
+    if model is None:
+        raise ConfigError("say which model: --model NAME_OR_PATH, or --run RUN_DIR")
+    task = get_task(task_name)
+    label_names = task.saved_labels(Path(run_dir)) if run_dir else None
+    loaded = load_model(model, task=task.model_kind,
+                        num_labels=len(label_names) if label_names else None,
+                        label_names=label_names)
+    handle = None
+    if adapter:
+        if (Path(adapter) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+            loaded.tokenizer = AutoTokenizer.from_pretrained(adapter)
+        handle = load_adapter(loaded.model, adapter)
+        loaded.model.eval()
+    return loaded, handle, spec
+
+
+def evaluate_saved(request: EvalRequest) -> dict[str, Any]:
+    """`deltatune eval`: a base model or a run/adapter on a dataset (default: the run's eval)."""
+    loaded, _, run_spec = load_for_inference(request.model, request.adapter, request.run,
+                                             request.task or "causal-lm")
+    spec = run_spec or RunSpec(model=request.model, task=request.task or "causal-lm")
+    task = get_task(spec.task)
+    data = _evaluation_data(spec, request)
+    eval_config = dataclasses.replace(spec.eval, batch_size=request.batch_size,
+                                      **({"metric": request.metric} if request.metric else {}))
+    if request.run and task.saved_labels(Path(request.run)):
+        # The head's class order is the run's, whatever labels the new file happens to have.
+        data = dataclasses.replace(data, label_names=task.saved_labels(Path(request.run)))
+    datasets = build_datasets(data, loaded.tokenizer, task.encoding, spec.seed)
+    metrics = task.evaluator(loaded, datasets.eval, datasets.info, eval_config,
+                             request.progress)()
+    return {"model": spec.model, "adapter": request.adapter or (request.run and "run adapter"),
+            "examples": len(datasets.eval), **rounded(metrics)}
+
+
+def _evaluation_data(spec: RunSpec, request: EvalRequest) -> DataConfig:
+    updates: dict[str, Any] = {}
+    if request.data:
+        updates = {"train": None, "builtin": None, "eval": request.data}
+    if request.columns:
+        updates["columns"] = dict(request.columns)
+    for name in ("template", "max_length"):
+        if getattr(request, name) is not None:
+            updates[name] = getattr(request, name)
+    if request.limit:
+        updates["eval_limit"] = request.limit
+    data = dataclasses.replace(spec.data, **updates)
+    if data.train is None and data.builtin is None and data.eval is None:
+        raise ConfigError("nothing to evaluate on: pass --data PATH (or --run RUN_DIR)")
+    if data.train is None and data.builtin is None:
+        # An eval file alone: it is the eval split (there is no training split to carve it from).
+        data = dataclasses.replace(data, train=data.eval)
+    return data
+
+
+def generate_text(request: GenerateRequest) -> str:
+    """`deltatune generate`: one reply from a base model plus an optional adapter."""
+    model_name = request.model or (None if request.run else DEFAULT_MODEL)
+    loaded, _, _ = load_for_inference(model_name, request.adapter, request.run)
+    tokenizer = loaded.tokenizer
+    template = request.template or ("chat" if getattr(tokenizer, "chat_template", None)
+                                    else "alpaca")
+    prompt_ids = render_prompt(request.prompt, tokenizer, template, system=request.system)
+    set_seed(request.seed)
+    input_ids = torch.tensor([prompt_ids], device=next(loaded.model.parameters()).device)
+    sampling = {"do_sample": True, "temperature": request.temperature} \
+        if request.temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        output = loaded.model.generate(input_ids=input_ids,
+                                       attention_mask=torch.ones_like(input_ids),
+                                       max_new_tokens=request.max_new_tokens,
+                                       pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=stop_token_ids(tokenizer), **sampling)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()

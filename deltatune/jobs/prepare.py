@@ -1,0 +1,105 @@
+"""`prepare(spec) -> Job`: everything a training run needs before the loop starts — the task,
+the run directory, the model with the method applied, the encoded data — built in the order that
+makes runs reproducible from the seed alone."""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deltatune.data import DataConfig, build_datasets
+from deltatune.data.batches import BatchSource, make_batch_source
+from deltatune.jobs.tasks import Task, get_task
+from deltatune.methods import apply, make_config
+from deltatune.methods.base import MethodHandle
+from deltatune.models import LoadedModel, load_model
+from deltatune.spec import RunSpec
+from deltatune.train.distributed import Distributed
+from deltatune.train.run_dir import RunDirectory, default_run_name
+from deltatune.train.speed import SpeedOptions, set_threads
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def say(message: str, distributed: Distributed | None = None) -> None:
+    if distributed is None or distributed.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Job:
+    spec: RunSpec
+    task: Task
+    data: DataConfig
+    run: RunDirectory
+    loaded: LoadedModel
+    handle: MethodHandle
+    train_examples: list[dict]
+    eval_examples: list[dict]
+    data_info: dict[str, Any]
+    distributed: Distributed | None = None
+    # Packed rows: the task, the method, the config and the model all allow it (see `prepare`).
+    packs: bool = False
+
+    def batch_source(self) -> BatchSource:
+        rank, world = (self.distributed.rank, self.distributed.world_size) \
+            if self.distributed else (0, 1)
+        return make_batch_source(self.train_examples, self.spec.train.batch_size, self.spec.seed,
+                                 self.loaded.tokenizer.pad_token_id, self.packs, rank, world,
+                                 self.task.encoding)
+
+    def speed_options(self) -> SpeedOptions:
+        train = self.spec.train
+        return SpeedOptions(fused_loss=self.task.fuses_loss, packed_attention=self.packs,
+                            packed_classification=self.packs and self.task.pools_packed_rows,
+                            activation_checkpointing=train.activation_checkpointing,
+                            compile=train.compile, allocator=train.allocator)
+
+
+def run_path(spec: RunSpec, distributed: Distributed | None = None) -> Path:
+    path = spec.output_dir or str(Path("runs") / default_run_name(spec.model, spec.method))
+    if distributed is not None:
+        path = distributed.broadcast_text(path)  # the time stamp of rank 0
+    return Path(path)
+
+
+def prepare(spec: RunSpec, distributed: Distributed | None = None,
+            write_config: bool = True) -> Job:
+    set_threads(spec.train.threads)
+    set_seed(spec.seed)
+    task = get_task(spec.task)
+    run = RunDirectory(run_path(spec, distributed),
+                       writes=distributed is None or distributed.is_main)
+    if write_config:
+        run.write_config(spec.model_dump())
+    data = task.resolve_data(spec.data)
+    label_names = task.head_labels(data, spec.seed)
+    say(f"loading model {spec.model} ({task.name})", distributed)
+    loaded = load_model(spec.model, task=task.model_kind,
+                        num_labels=len(label_names) if label_names else None,
+                        label_names=label_names)
+    if distributed is not None:
+        loaded.model.to(distributed.device)
+    config = make_config(spec.method, spec.method_options)
+    task.adjust_method(config, loaded.model, spec.method_options)
+    config.prepare(loaded.tokenizer)
+    set_seed(spec.seed)  # method initialisation depends on the seed alone
+    handle = apply(loaded.model, config)
+    datasets = build_datasets(data, loaded.tokenizer, task.encoding, spec.seed)
+    counts = handle.parameter_counts()
+    say(f"method {spec.method}: {counts.trainable:,} trainable of {counts.total:,} parameters "
+        f"({counts.trainable_percent:.3f}%); {len(datasets.train)} train / "
+        f"{len(datasets.eval)} eval examples", distributed)
+    packs = (task.packs and config.supports_packing and spec.train.packing
+             and task.model_can_pack(loaded.model))
+    return Job(spec, task, data, run, loaded, handle, datasets.train, datasets.eval,
+               dict(datasets.info), distributed, packs)

@@ -1,0 +1,48 @@
+"""The dependency rules of docs/architecture.md, checked on the source: the library never imports
+the command line, the loop knows no method, evaluation knows no training, and job code asks task
+objects instead of comparing task names."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "deltatune"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py")) if folder else sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("folder,forbidden", [
+    ("", "deltatune.cli"), ("train", "deltatune.methods"), ("train", "deltatune.jobs"),
+    ("eval", "deltatune.train"), ("eval", "deltatune.jobs"), ("data", "deltatune.train"),
+    ("data", "deltatune.jobs"), ("methods", "deltatune.train"), ("methods", "deltatune.jobs"),
+    ("models", "deltatune.train"), ("models", "deltatune.jobs"),
+])
+def test_no_module_reaches_back_up_the_chain(folder, forbidden):
+    offenders = [str(path.relative_to(PACKAGE)) for path in _files(folder)
+                 if path.name not in ("cli.py", "__main__.py")
+                 and any(name == forbidden or name.startswith(forbidden + ".")
+                         for name in _imports(path))]
+    assert offenders == []
+
+
+def test_job_code_never_compares_task_names():
+    pattern = re.compile(r"""task\s*[!=]=\s*["']|["'](causal-lm|classification|text)["']\s*[!=]=""")
+    offenders = [str(path.relative_to(PACKAGE)) for path in _files("jobs") + _files("train")
+                 if pattern.search(path.read_text(encoding="utf-8"))]
+    assert offenders == []
