@@ -69,6 +69,8 @@ class Variant:
     fused_mlp: bool = True
     flatten_collator: bool = False
     allocator: str = "reuse"  # deltatune's CPU allocator policy (see deltatune/train/speed.py)
+    # deltatune's default: threads = the cores other processes leave free (train/threads.py).
+    adaptive_threads: bool = False
 
 
 VARIANTS = {
@@ -77,7 +79,10 @@ VARIANTS = {
     # Not the peer as its docs show it: the peer given deltatune's allocator policy, to separate
     # what the allocator alone buys from what deltatune's training path buys.
     "peer-reuse": Variant("peft", allocator="reuse"),
-    "deltatune": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True),
+    "deltatune": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True,
+                         adaptive_threads=True),
+    "dt-fixed-threads": Variant("deltatune", packing="flat", packed_attention=True,
+                                chunked_loss=True),
     "dt-padded": Variant("deltatune", packing=None, chunked_loss=True),
     "dt-full-logits": Variant("deltatune", packing="flat", packed_attention=True),
     "dt-hf-mask": Variant("deltatune", packing="flat", chunked_loss=True),
@@ -97,7 +102,8 @@ VARIANTS = {
 
 
 # Sides the sst2 workload has (the LM ablations do not apply to an encoder).
-CLASSIFICATION_SIDES = ("peer", "peer-reuse", "deltatune", "dt-padded", "dt-system-malloc")
+CLASSIFICATION_SIDES = ("peer", "peer-reuse", "deltatune", "dt-fixed-threads", "dt-padded",
+                        "dt-system-malloc")
 
 
 @dataclass
@@ -130,10 +136,11 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
     from deltatune.eval.memory import peak_rss_bytes
     from deltatune.train.speed import set_threads
 
+    requested_threads = threads  # None: the side's own policy (deltatune adapts to the load)
     threads = set_threads(threads)
     variant = VARIANTS[side]
     if workload == "sst2":
-        return run_classification_side(side, variant, steps, threads)
+        return run_classification_side(side, variant, steps, requested_threads)
     torch.manual_seed(SEED)
     model, tokenizer, parameters, train_step = _build(variant, chunk_size)
     _seeded_lora_init(model)
@@ -143,8 +150,10 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
     model.train()
     result = SideResult(side, workload, [], [], [], [], 0, setup_rss, threads)
     flops_of = ModelFlops(model.config, sum(p.numel() for p in parameters))
+    threads_policy = _thread_policy(variant, requested_threads)
     for batch, real, computed, lengths, label_positions in batches:
         result.model_flops.append(flops_of.step(lengths, label_positions))
+        threads_policy.on_step_end(_STATE)
         started = time.perf_counter()
         loss = train_step(model, batch)
         loss.backward()
@@ -155,11 +164,12 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
         result.real_tokens.append(real)
         result.computed_tokens.append(computed)
     result.peak_rss_bytes = peak_rss_bytes()
+    result.extra["thread_changes"] = getattr(threads_policy, "changes", [])
     return result
 
 
 def run_classification_side(side: str, variant: Variant, steps: int,
-                            threads: int) -> SideResult:
+                            requested_threads: int | None) -> SideResult:
     """The sst2 workload: same sentences per step, same seeded head and LoRA A, both sides in
     training mode (dropout on) and AdamW at ENCODER_LR."""
     import torch
@@ -181,8 +191,10 @@ def run_classification_side(side: str, variant: Variant, steps: int,
     objective = ClassificationObjective()
     setup_rss = _current_rss()
     model.train()
-    result = SideResult(side, "sst2", [], [], [], [], 0, setup_rss, threads)
+    threads_policy = _thread_policy(variant, requested_threads)
+    result = SideResult(side, "sst2", [], [], [], [], 0, setup_rss, torch.get_num_threads())
     for group, batch in zip(groups, batches):
+        threads_policy.on_step_end(_STATE)
         started = time.perf_counter()
         loss = objective(model, batch).loss
         loss.backward()
@@ -194,6 +206,7 @@ def run_classification_side(side: str, variant: Variant, steps: int,
         result.computed_tokens.append(batch["input_ids"].numel())
         result.model_flops.append(0.0)
     result.peak_rss_bytes = peak_rss_bytes()
+    result.extra["thread_changes"] = getattr(threads_policy, "changes", [])
     return result
 
 
@@ -265,6 +278,28 @@ def _seeded_head_init(model) -> None:
         with torch.no_grad():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02
                             if parameter.ndim > 1 else torch.zeros(parameter.shape))
+
+
+class _FixedThreads:
+    def on_step_end(self, state) -> None: ...
+
+
+_STATE = None  # AdaptiveThreads only reads the state's step and main-process flag
+
+
+def _thread_policy(variant: Variant, threads: int | None):
+    """deltatune's adaptive threads (between steps, outside the timed part, as in its loop),
+    or nothing. With --threads given every side keeps that count."""
+    if not variant.adaptive_threads or threads is not None:
+        return _FixedThreads()
+    from deltatune.train.loop import TrainState
+    from deltatune.train.threads import AdaptiveThreads
+
+    global _STATE
+    _STATE = TrainState(total_steps=0)
+    policy = AdaptiveThreads(every_seconds=5.0)
+    policy.on_train_start(_STATE)
+    return policy
 
 
 def _current_rss() -> int:
@@ -529,6 +564,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="label positions per loss chunk on deltatune sides")
+    parser.add_argument("--competing-processes", type=int, default=0,
+                        help="run N busy CPU processes during every side (a shared machine)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -540,10 +577,46 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 1
     _ensure_model_cache()
+    print(f"cpu: {_cpu_name()}, {os.cpu_count()} cores; competing processes: "
+          f"{args.competing_processes}", flush=True)
     peak_at_start = measure_matmul_peak(args.threads)
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     sides = args.sides.split(",")
     results = []
+    competitors = start_competitors(args.competing_processes)
+    try:
+        _run_all(args, workloads, sides, results)
+    finally:
+        stop_competitors(competitors)
+    peaks = [peak_at_start, measure_matmul_peak(args.threads)]
+    args.peak_flops = max(peaks)
+    print(f"fp32 matmul peak (best of {PEAK_SHAPES}): "
+          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s at start, end")
+    summary = summarise(results, args.warmup, args.peak_flops)
+    summary["conditions"] = _conditions(args)
+    print_table({k: v for k, v in summary.items() if k != "conditions"})
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+# A competing CPU-bound job, bounded in time so it can never outlive the benchmark for long.
+_BUSY_LOOP = ("import time\nend = time.monotonic() + {seconds}\nx = 0\n"
+              "while time.monotonic() < end:\n    x = (x * 1103515245 + 12345) % 2147483648\n")
+
+
+def start_competitors(count: int, seconds: int = 7200) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP.format(seconds=seconds)])
+            for _ in range(count)]
+
+
+def stop_competitors(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=30)
+
+
+def _run_all(args, workloads: list[str], sides: list[str], results: list) -> None:
     for workload in workloads:
         for repeat in range(args.repeats):
             for side in sides:
@@ -558,15 +631,6 @@ def main() -> None:
                       f"{result.tokens_per_second(args.warmup):.1f} real tok/s, peak RSS "
                       f"{result.peak_rss_bytes / 1e9:.2f} GB, loss {result.losses[-1]:.4f}",
                       flush=True)
-    peaks = [peak_at_start, measure_matmul_peak(args.threads)]
-    args.peak_flops = max(peaks)
-    print(f"fp32 matmul peak (best of {PEAK_SHAPES}): "
-          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s at start, end")
-    summary = summarise(results, args.warmup, args.peak_flops)
-    summary["conditions"] = _conditions(args)
-    print_table({k: v for k, v in summary.items() if k != "conditions"})
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1))
 
 
 def _ensure_model_cache() -> None:
@@ -576,8 +640,19 @@ def _ensure_model_cache() -> None:
                         f"load_model({MODEL!r})"], check=True, cwd=ROOT)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _conditions(args) -> dict:
     return {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "competing_processes": args.competing_processes, "cpu": _cpu_name(),
             "threads": args.threads, "chunk_size": args.chunk_size, "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "peak_flops": args.peak_flops}

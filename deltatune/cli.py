@@ -304,7 +304,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--allocator", choices=["reuse", "release", "system"],
                    help="CPU memory policy: reuse (default, fastest), release (lowest RSS), "
                         "system (glibc's default)")
-    g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    g.add_argument("--threads", type=int,
+                   help="torch threads (default: one per core that other processes leave "
+                        "free, re-checked every 5 s)")
     g = p.add_argument_group("checkpoints and processes")
     g.add_argument("--save-every", type=int,
                    help="write a resumable checkpoint every N optimizer steps (Ctrl-C always "

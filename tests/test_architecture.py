@@ -46,3 +46,16 @@ def test_job_code_never_compares_task_names():
     offenders = [str(path.relative_to(PACKAGE)) for path in _files("jobs") + _files("train")
                  if pattern.search(path.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["deltatune.spec", "deltatune.jobs.tasks", "deltatune.cli",
+                                    "deltatune.train.loop", "deltatune.eval.evaluate",
+                                    "deltatune.models.fused_loss", "deltatune.data"])
+def test_each_entry_module_imports_first_in_a_fresh_interpreter(module):
+    """Import cycles only show when a module is the first one imported."""
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                               text=True, timeout=120, cwd=PACKAGE.parent)
+    assert completed.returncode == 0, completed.stderr[-2000:]

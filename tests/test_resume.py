@@ -141,3 +141,22 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     (run / "config.yaml").write_text("model: smollm2-135m\n")
     assert main(["train", "--resume", str(run)]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_nproc_2_trains_through_torchrun_and_rank_0_writes_one_run(tiny_setup, tmp_path):
+    """`deltatune train --nproc 2` launches torchrun; the two processes split every global
+    batch and rank 0 alone writes the run directory."""
+    model, data = tiny_setup
+    run = tmp_path / "run"
+    command = _train_command(model, data, run, save_every=None)
+    command[command.index("--max-steps") + 1] = "4"
+    command[command.index("--batch-size") + 1] = "2"
+    completed = subprocess.run([*command, "--nproc", "2"], cwd=ROOT, env=_environment(),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == [1, 2, 3, 4]  # one writer
+    assert _adapter(run)

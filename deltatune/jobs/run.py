@@ -21,6 +21,7 @@ from deltatune.train.checkpoint import Checkpoint, latest_checkpoint
 from deltatune.train.distributed import Distributed, from_environment, whole_parameters
 from deltatune.train.loop import Callback, TrainResult, train
 from deltatune.train.speed import speed_options_applied
+from deltatune.train.threads import AdaptiveThreads
 
 
 def run_training(spec: RunSpec, resume: bool = False) -> RunSummary:
@@ -98,6 +99,8 @@ def _callbacks(job: Job, evaluate: Callable[[], dict[str, Any]]) -> list[Callbac
     if not sharded:
         callbacks.append(Checkpointing(job.run.path, train.save_every,
                                        metrics_path=job.run.metrics_path))
+    if train.threads is None:
+        callbacks.append(AdaptiveThreads())
     callbacks.append(ProgressBar(job.spec.progress))
     return callbacks
 

@@ -44,6 +44,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     allocator: Literal["reuse", "release", "system"] = "reuse"
+    # torch threads; None: one per core that other processes leave free, re-checked every few
+    # seconds (deltatune/train/threads.py).
     threads: Annotated[int, Field(ge=1)] | None = None
     # Several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2).
     distributed: Literal["ddp", "fsdp"] = "ddp"
