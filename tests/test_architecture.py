@@ -59,3 +59,19 @@ def test_each_entry_module_imports_first_in_a_fresh_interpreter(module):
     completed = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                                text=True, timeout=120, cwd=PACKAGE.parent)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_lazy_package_exports_are_not_shadowed_by_submodules():
+    """Importing a submodule sets it as an attribute of its package, which would replace a lazily
+    exported function of the same name (`deltatune.jobs.prepare` once did)."""
+    import subprocess
+    import sys
+
+    script = ("import importlib, pkgutil, deltatune.jobs as jobs\n"
+              "for info in pkgutil.walk_packages(jobs.__path__, 'deltatune.jobs.'):\n"
+              "    importlib.import_module(info.name)\n"
+              "bad = [name for name in jobs.__all__ if not callable(getattr(jobs, name))]\n"
+              "assert not bad, bad\n")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               timeout=120, cwd=PACKAGE.parent)
+    assert completed.returncode == 0, completed.stderr[-2000:]

@@ -80,6 +80,12 @@ def test_classification_run_end_to_end(shared_data, tmp_path, capsys):
     assert main(["eval", "--run", str(run), "--no-progress"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == summary["final_metrics"]["accuracy"]
+    # A new file on its own (here: the same dev rows) gives the same numbers: the head keeps the
+    # run's class order, and no training data is needed.
+    assert main(["eval", "--run", str(run), "--data", str(shared_data / "sst2" / "dev.tsv"),
+                 "--column", "text=content", "--limit", "64", "--no-progress"]) == 0
+    on_file = json.loads(capsys.readouterr().out)
+    assert on_file["examples"] == 64 and on_file["accuracy"] == evaluated["accuracy"]
 
 
 @pytest.mark.integration
@@ -127,7 +133,7 @@ def test_speed_flags_reach_the_spec_and_unset_flags_keep_the_config(tmp_path):
 
 def test_speed_options_hold_for_training_only():
     import deltatune
-    from deltatune.jobs.prepare import Job
+    from deltatune.jobs.preparation import Job
     from deltatune.jobs.tasks import get_task
     from deltatune.methods.lora import LoraConfig
     from deltatune.models.fused_loss import FUSED_LOSS_ATTRIBUTE

@@ -8,7 +8,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Job": "deltatune.jobs.prepare", "prepare": "deltatune.jobs.prepare",
+    "Job": "deltatune.jobs.preparation", "prepare": "deltatune.jobs.preparation",
     "run_training": "deltatune.jobs.run", "RunSummary": "deltatune.jobs.summary",
     "EvalRequest": "deltatune.jobs.inference", "GenerateRequest": "deltatune.jobs.inference",
     "evaluate_saved": "deltatune.jobs.inference", "generate_text": "deltatune.jobs.inference",

@@ -14,7 +14,7 @@ from deltatune.data import DataConfig, build_datasets
 from deltatune.data.templates import render_prompt
 from deltatune.errors import ConfigError
 from deltatune.eval.evaluate import stop_token_ids
-from deltatune.jobs.prepare import set_seed
+from deltatune.jobs.preparation import set_seed
 from deltatune.jobs.summary import rounded
 from deltatune.jobs.tasks import get_task
 from deltatune.methods.adapter_io import load_adapter

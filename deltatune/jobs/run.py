@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from deltatune.errors import ConfigError
 from deltatune.eval.memory import peak_memory_bytes
-from deltatune.jobs.prepare import Job, prepare, say
+from deltatune.jobs.preparation import Job, prepare, say
 from deltatune.jobs.summary import RunSummary, rounded
 from deltatune.methods.adapter_io import save_adapter
 from deltatune.spec import RunSpec
