@@ -42,6 +42,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "activation_checkpointing": "train.activation_checkpointing", "compile": "train.compile",
     "allocator": "train.allocator", "threads": "train.threads",
     "save_every": "train.save_every", "distributed": "train.distributed",
+    "stop_on_divergence": "train.stop_on_divergence",
 }
 
 
@@ -52,7 +53,11 @@ def _key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} expects KEY=VALUE, got '{pair}'")
-        parsed = yaml.safe_load(value) if value else ""
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{flag} {key}: the value {value!r} is not valid YAML; quote "
+                              f"it whole, e.g. {key}='\"text\"'") from None
         if isinstance(parsed, str) and "," in parsed and not value.startswith(("'", '"')):
             parsed = [part.strip() for part in parsed.split(",") if part.strip()]
         result[key.strip()] = parsed
@@ -63,6 +68,9 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
         target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"config section '{part}' must be a mapping (key: value lines), "
+                              f"got {type(target).__name__}")
     target[leaf] = value
 
 
@@ -75,7 +83,9 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+        from deltatune.spec import yaml_problem
+        raise ConfigError(f"config file '{path}' is not valid YAML ({yaml_problem(error)})") \
+            from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return loaded
@@ -126,6 +136,8 @@ def build_train_spec(args: argparse.Namespace):
                                       **{k: str(v) for k, v in pairs.items()}})
     if args.label_names:
         _set_dotted(raw, "data.label_names", [n.strip() for n in args.label_names.split(",")])
+    if args.no_header:
+        _set_dotted(raw, "data.header", False)
     if args.no_packing:
         _set_dotted(raw, "train.packing", False)
     if args.no_baseline:
@@ -179,7 +191,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_processes(args, args.argv)
     spec = build_resume_spec(args) if args.resume else build_train_spec(args)
     try:
-        summary = run_training(spec, resume=bool(args.resume))
+        summary = run_training(spec, resume=bool(args.resume), overwrite=args.overwrite,
+                               trust_remote_code=args.trust_remote_code)
     except TrainingInterrupted as interrupted:
         run = spec.output_dir or "RUN_DIR"
         hint = f"; continue with: deltatune train --resume {run}" if interrupted.checkpoint \
@@ -199,12 +212,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.jobs import EvalRequest, evaluate_saved
 
     columns = {k: str(v) for k, v in _key_values(args.column, "--column").items()}
+    if args.output:
+        _check_output_file(args.output, "--output")
     request = EvalRequest(model=args.model, run=args.run, adapter=args.adapter, data=args.data,
-                          task=args.task, columns=columns, template=args.template,
+                          task=args.task, columns=columns,
+                          header=False if args.no_header else None, template=args.template,
                           metric=args.metric, max_length=args.max_length, limit=args.limit,
-                          batch_size=args.batch_size, progress=not args.no_progress)
-    metrics = evaluate_saved(request)
-    print(json.dumps(metrics, indent=2, default=str))
+                          batch_size=args.batch_size, progress=not args.no_progress,
+                          trust_remote_code=args.trust_remote_code)
+    metrics = evaluate_saved(request)  # non-finite values are already null
+    print(json.dumps(metrics, indent=2, default=str, allow_nan=False))
     if args.output:
         write_json(args.output, metrics)
     return 0
@@ -217,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               adapter=args.adapter, system=args.system,
                               template="none" if args.no_chat else args.template,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              seed=args.seed)
+                              seed=args.seed, trust_remote_code=args.trust_remote_code)
     print(generate_text(request))
     return 0
 
@@ -237,7 +254,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """Fails before the work, not after it, when the result file cannot be written there."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file path such as "
+                          f"{target / 'metrics.json'}")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder; choose another "
+                              f"{flag} path")
+
+
 # -- argument parsing --------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code that the model, tokenizer or adapter folder ships "
+                        "(auto_map in its config); off by default: only for code you have read")
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only when it has one: train flags default to None because the
@@ -276,6 +321,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="map a column, e.g. --column text=sentence --column label=label")
     g.add_argument("--eval-column", action="append", metavar="OURS=THEIRS",
                    help="map a column of the --eval file when it differs, e.g. text=content")
+    g.add_argument("--no-header", action="store_true",
+                   help="the .csv/.tsv files have no header row; name columns by position: "
+                   "--column label=0 --column text=1")
     g.add_argument("--label-names", help="comma-separated class names, in label-id order")
     g.add_argument("--placeholder", action="append", metavar="KEY=VALUE",
                    help="fill {{KEY}} in the data, e.g. --placeholder name=Ada")
@@ -330,9 +378,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, help="generation length for exact match")
     g.add_argument("--no-baseline", action="store_true", help="skip evaluating before training")
     g.add_argument("--log-every", type=int, help="write metrics.jsonl every N steps")
+    g.add_argument("--stop-on-divergence", action="store_true", default=None,
+                   help="stop with an error (instead of a warning) when the smoothed loss "
+                        "climbs past 4x the first step's")
     g.add_argument("--seed", type=int, help="drives data order, initialisation and dropout")
-    g.add_argument("--output-dir", help="run directory (default runs/<time>-<model>-<method>)")
+    g.add_argument("--output-dir", help="run directory (default runs/<time>-<model>-<method>); "
+                   "must not hold another run unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (to continue it instead, use "
+                        "--resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_trust_flag(g)
     p.set_defaults(handler=cmd_train)
 
 
@@ -347,13 +403,18 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="evaluation file; default: the run's evaluation data")
     p.add_argument("--task", choices=["causal-lm", "classification", "text"])
     p.add_argument("--column", action="append", metavar="OURS=THEIRS")
+    p.add_argument("--no-header", action="store_true",
+                   help="the .csv/.tsv file has no header row; name columns by position: "
+                   "--column label=0 --column text=1")
     p.add_argument("--template", choices=["alpaca", "chat", "none"])
     p.add_argument("--metric", choices=["auto", "exact_match", "perplexity", "accuracy"])
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--limit", type=int, help="evaluate only the first N rows")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument("--max-length", type=_positive_int)
+    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N rows")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--output", help="also write the metrics to this JSON file (written as "
+                   "given: any path you can write to)")
     p.add_argument("--no-progress", action="store_true")
+    _add_trust_flag(p)
     p.set_defaults(handler=cmd_eval)
 
 
@@ -370,9 +431,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=["chat", "alpaca", "none"],
                    help="prompt format (default: chat when the tokenizer has a chat template)")
     p.add_argument("--no-chat", action="store_true", help="same as --template none")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
+    _add_trust_flag(p)
     p.set_defaults(handler=cmd_generate)
 
 
@@ -404,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except DeltatuneError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # One line even when the message quotes data with line breaks in it.
+        print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -39,3 +39,8 @@ class AdapterStateError(DeltatuneError):
     """An adapter operation that the handle's state (merged, disabled, scaled) forbids, or that
     the method cannot do at all (switching off or scaling a method that keeps no delta); the
     message says what to do instead."""
+
+
+class CustomCodeError(DeltatuneError):
+    """A model, tokenizer or adapter folder ships Python code (an `auto_map` entry) that loading
+    would run, and the user did not opt in with trust_remote_code / --trust-remote-code."""

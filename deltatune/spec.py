@@ -63,10 +63,24 @@ def read_run_spec(run_dir: str | Path) -> RunSpec:
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE}); pass the "
                           "folder `deltatune train` wrote")
+    damaged = "; the run folder is damaged: restore config.yaml or train again"
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level")
-    return parse_run_spec(raw)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid YAML ({yaml_problem(error)}){damaged}") from None
+    if not isinstance(raw, dict) or not raw:
+        what = "is empty" if raw is None or raw == {} else f"holds a {type(raw).__name__}"
+        raise ConfigError(f"{path} {what}, not the run's settings{damaged}")
+    try:
+        return parse_run_spec(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}{damaged}") from None
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's text spans several lines)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())

@@ -8,8 +8,9 @@ classification, or plain-text blocks. A task kind (deltatune/jobs/tasks/) names 
 `ENCODINGS` maps the task names for callers that only have a name.
 
 Splitting and limiting are deterministic from `seed`: the split shuffles record indices with
-`random.Random(seed)` (per label for classification, so rare classes land in both sets) and a
-limit keeps the first N records (use `sample_records` for a seeded random subset).
+`random.Random(seed)` (per label for classification, so rare classes land in both sets; a label
+with one record stays in training) and a limit keeps the first N records (use `sample_records` for
+a seeded random subset). A split of two or more records always leaves at least one on each side.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from deltatune.data.builtin import BUILTIN_TASKS, builtin_task
 from deltatune.data.classification import encode_classification_records, resolve_label_names
 from deltatune.data.collate import pad_batch
 from deltatune.data.packing import collate_packed, collate_packed_sequences, pack_examples
-from deltatune.data.readers import read_records, require_fields
+from deltatune.data.readers import read_records, record_location, require_fields, require_text
 from deltatune.data.templates import (IGNORE_INDEX, TEMPLATES, count_unfilled_placeholders,
                                       encode_instructions, fill_placeholders)
 from deltatune.data.text import build_text_blocks
@@ -38,10 +39,13 @@ class DataConfig:
     `columns` maps canonical names (text, text_pair, label, instruction, input, output,
     messages) to the source's column names; `eval_columns` does the same for the eval file and
     defaults to `columns` (SST-2's dev file names its text `content`, its train file `sentence`).
-    `template` applies to instruction data. `placeholders` fills `{{name}}`-style fields
+    `header=False`: the CSV/TSV files have no header row and their columns are named by position,
+    so `columns` maps to "0", "1", ... (`{label: "0", text: "1"}`). `template` applies to
+    instruction data. `placeholders` fills `{{name}}`-style fields
     (identity data). Limits keep the first N records."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    # Numbers coerce so that YAML may say `columns: {label: 0, text: 1}` for a headerless file.
+    __pydantic_config__ = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     train: str | None = None
     eval: str | None = None
@@ -49,6 +53,7 @@ class DataConfig:
     builtin_train_size: Annotated[int, Field(ge=1)] = 1000
     builtin_eval_size: Annotated[int, Field(ge=0)] = 100
     columns: dict[str, str] = field(default_factory=dict)
+    header: bool = True
     eval_columns: dict[str, str] | None = None
     template: Literal["alpaca", "chat", "none"] = "chat"
     max_length: Annotated[int, Field(ge=8)] = 256
@@ -119,8 +124,11 @@ class ClassificationEncoding(DataEncoding):
         hint = " (and text_pair for sentence pairs)"
         require_fields(train_records, ["text", "label"], sources["train_source"], hint)
         require_fields(eval_records, ["text", "label"], sources["eval_source"], hint)
+        require_text(train_records, ["text", "text_pair"], sources["train_source"])
+        require_text(eval_records, ["text", "text_pair"], sources["eval_source"])
         label_names = resolve_label_names([record["label"] for record in train_records],
-                                          config.label_names)
+                                          config.label_names,
+                                          _locator(train_records, sources["train_source"]))
         train = encode_classification_records(train_records, tokenizer, label_names,
                                               config.max_length, sources["train_source"])
         eval_examples = encode_classification_records(eval_records, tokenizer, label_names,
@@ -148,6 +156,8 @@ class TextBlockEncoding(DataEncoding):
     def encode(self, train_records, eval_records, config, tokenizer, sources, info):
         require_fields(train_records, ["text"], sources["train_source"])
         require_fields(eval_records, ["text"], sources["eval_source"])
+        require_text(train_records, ["text"], sources["train_source"])
+        require_text(eval_records, ["text"], sources["eval_source"])
         return (build_text_blocks(train_records, tokenizer, config.max_length),
                 build_text_blocks(eval_records, tokenizer, config.max_length)
                 if eval_records else [])
@@ -200,7 +210,13 @@ def discover_label_names(config: DataConfig, seed: int = 0) -> list[str]:
     train_records, _, sources = _load_records(config, encoding, seed)
     require_fields(train_records, ["label"], sources["train_source"],
                    " (map it with --column label=NAME)")
-    return resolve_label_names([record["label"] for record in train_records])
+    return resolve_label_names([record["label"] for record in train_records],
+                               locate=_locator(train_records, sources["train_source"]))
+
+
+def _locator(records: list[dict], source: str):
+    """`locate(i)` for resolve_label_names: where records[i] was read."""
+    return lambda index: record_location(records[index], source, index + 1)
 
 
 def _validate(config: DataConfig, encoding: DataEncoding) -> None:
@@ -231,13 +247,15 @@ def _load_records(config: DataConfig, encoding: DataEncoding,
         sources = {"train_source": f"builtin:{config.builtin}",
                    "eval_source": f"builtin:{config.builtin}"}
         if config.eval is not None:
-            eval_records = read_records(config.eval, _eval_columns(config))
+            eval_records = read_records(config.eval, _eval_columns(config),
+                                        header=config.header)
             sources["eval_source"] = config.eval
     else:
-        train = read_records(config.train, config.columns)
+        train = read_records(config.train, config.columns, header=config.header)
         sources = {"train_source": config.train}
         if config.eval is not None:
-            eval_records = read_records(config.eval, _eval_columns(config))
+            eval_records = read_records(config.eval, _eval_columns(config),
+                                        header=config.header)
             sources["eval_source"] = config.eval
         else:
             train, eval_records = split_records(train, config.eval_fraction, seed,
@@ -257,7 +275,8 @@ def _eval_columns(config: DataConfig) -> dict[str, str]:
 def split_records(records: list[dict], eval_fraction: float, seed: int,
                   stratify: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train, eval) by a seeded shuffle of indices; both keep file order. With `stratify`,
-    each value of that field is split on its own."""
+    each value of that field is split on its own. Two or more records always give both parts at
+    least one."""
     if eval_fraction <= 0:
         return list(records), []
     groups: dict[Any, list[int]] = {}
@@ -272,6 +291,9 @@ def split_records(records: list[dict], eval_fraction: float, seed: int,
         # Small groups: keep at least one example on each side when there are two or more.
         count = min(max(count, 1), len(indices) - 1) if len(indices) >= 2 else 0
         eval_indices.update(indices[:count])
+    if not eval_indices and len(records) >= 2:
+        # Every group has a single record: an empty eval set would only fail at scoring time.
+        eval_indices.add(rng.randrange(len(records)))
     train = [record for index, record in enumerate(records) if index not in eval_indices]
     eval_records = [record for index, record in enumerate(records) if index in eval_indices]
     return train, eval_records

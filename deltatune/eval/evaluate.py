@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltatune.data.collate import pad_batch
+from deltatune.errors import DataError
 from deltatune.eval.metrics import accuracy, exact_match, macro_f1, perplexity
 from deltatune.models.fused_loss import fused_loss_installed, label_loss_sum
 
@@ -74,6 +75,17 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def _start_of_text(tokenizer: Any) -> list[int]:
+    """What an empty prompt (an empty instruction with template none) is continued from: the
+    BOS token, as transformers' `generate` does without input; EOS where there is no BOS."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
+        else tokenizer.eos_token_id
+    if start is None:
+        raise DataError("a prompt is empty and the tokenizer has neither a BOS nor an EOS token "
+                        "to start from; give every example a non-empty instruction")
+    return [start]
+
+
 @torch.inference_mode()
 def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
                    max_new_tokens: int = 32, batch_size: int = 16,
@@ -81,6 +93,7 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: list[list[in
     """Greedy continuations of tokenized prompts (left-padded batches, KV cache)."""
     was_training = model.training
     model.eval()
+    prompts = [prompt or _start_of_text(tokenizer) for prompt in prompts]
     outputs: list[str] = []
     for chunk in tqdm(list(_chunks(prompts, batch_size)), desc="generate",
                       disable=not show_progress):

@@ -1,9 +1,12 @@
 """Loading a trained run (or a base model plus an adapter folder) back for inference:
 `evaluate_saved(EvalRequest)` serves `deltatune eval`, `generate_text(GenerateRequest)` serves
-`deltatune generate`. Requests are plain dataclasses; the CLI fills them from its flags."""
+`deltatune generate`. Requests are plain dataclasses; the CLI fills them from its flags. A run
+folder or adapter may come from someone else: its custom code runs only with
+`trust_remote_code=True`, and metrics that are not finite come back as null (JSON has no NaN)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import torch
 
 from deltatune.data import DataConfig, build_datasets
 from deltatune.data.templates import render_prompt
-from deltatune.errors import ConfigError
+from deltatune.errors import AdapterFormatError, ConfigError
 from deltatune.eval.evaluate import stop_token_ids
 from deltatune.jobs.preparation import set_seed
 from deltatune.jobs.summary import rounded
@@ -20,6 +23,7 @@ from deltatune.jobs.tasks import get_task
 from deltatune.methods.adapter_io import load_adapter
 from deltatune.methods.base import MethodHandle
 from deltatune.models import LoadedModel, load_model
+from deltatune.models.loading import load_tokenizer
 from deltatune.spec import RunSpec, read_run_spec
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -35,12 +39,14 @@ class EvalRequest:
     data: str | None = None
     task: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
+    header: bool | None = None
     template: str | None = None
     metric: str | None = None
     max_length: int | None = None
     limit: int | None = None
     batch_size: int = 32
     progress: bool = True
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -55,12 +61,14 @@ class GenerateRequest:
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
+    trust_remote_code: bool = False
 
 
 def load_for_inference(model: str | None, adapter: str | None, run_dir: str | None,
-                       task_name: str = "causal-lm"
+                       task_name: str = "causal-lm", trust_remote_code: bool = False
                        ) -> tuple[LoadedModel, MethodHandle | None, RunSpec | None]:
-    """A base model plus, optionally, an adapter folder or a run directory's adapter."""
+    """A base model plus, optionally, an adapter folder or a run directory's adapter (and the
+    tokenizer saved with it). `trust_remote_code` applies to the model and that tokenizer."""
     spec = read_run_spec(run_dir) if run_dir else None
     if spec is not None:
         model = model or spec.model
@@ -72,12 +80,12 @@ def load_for_inference(model: str | None, adapter: str | None, run_dir: str | No
     label_names = task.saved_labels(Path(run_dir)) if run_dir else None
     loaded = load_model(model, task=task.model_kind,
                         num_labels=len(label_names) if label_names else None,
-                        label_names=label_names)
+                        label_names=label_names, trust_remote_code=trust_remote_code)
     handle = None
     if adapter:
         if (Path(adapter) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-            loaded.tokenizer = AutoTokenizer.from_pretrained(adapter)
+            loaded.tokenizer = load_tokenizer(adapter, trust_remote_code,
+                                              error_class=AdapterFormatError)
         handle = load_adapter(loaded.model, adapter)
         loaded.model.eval()
     return loaded, handle, spec
@@ -86,7 +94,8 @@ def load_for_inference(model: str | None, adapter: str | None, run_dir: str | No
 def evaluate_saved(request: EvalRequest) -> dict[str, Any]:
     """`deltatune eval`: a base model or a run/adapter on a dataset (default: the run's eval)."""
     loaded, _, run_spec = load_for_inference(request.model, request.adapter, request.run,
-                                             request.task or "causal-lm")
+                                             request.task or "causal-lm",
+                                             request.trust_remote_code)
     spec = run_spec or RunSpec(model=request.model, task=request.task or "causal-lm")
     task = get_task(spec.task)
     data = _evaluation_data(spec, request)
@@ -98,8 +107,20 @@ def evaluate_saved(request: EvalRequest) -> dict[str, Any]:
     datasets = build_datasets(data, loaded.tokenizer, task.encoding, spec.seed)
     metrics = task.evaluator(loaded, datasets.eval, datasets.info, eval_config,
                              request.progress)()
-    return {"model": spec.model, "adapter": request.adapter or (request.run and "run adapter"),
-            "examples": len(datasets.eval), **rounded(metrics)}
+    return finite_or_null({"model": spec.model,
+                           "adapter": request.adapter or (request.run and "run adapter"),
+                           "examples": len(datasets.eval), **rounded(metrics)})
+
+
+def finite_or_null(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics with NaN/inf replaced by None (JSON null) and named under `non_finite`: the
+    output stays strict JSON that other tools parse, and the problem stays visible."""
+    bad = sorted(name for name, value in metrics.items()
+                 if isinstance(value, float) and not math.isfinite(value))
+    if not bad:
+        return metrics
+    return {**{name: None if name in bad else value for name, value in metrics.items()},
+            "non_finite": bad}
 
 
 def _evaluation_data(spec: RunSpec, request: EvalRequest) -> DataConfig:
@@ -108,7 +129,7 @@ def _evaluation_data(spec: RunSpec, request: EvalRequest) -> DataConfig:
         updates = {"train": None, "builtin": None, "eval": request.data}
     if request.columns:
         updates["columns"] = dict(request.columns)
-    for name in ("template", "max_length"):
+    for name in ("template", "max_length", "header"):
         if getattr(request, name) is not None:
             updates[name] = getattr(request, name)
     if request.limit:
@@ -125,7 +146,8 @@ def _evaluation_data(spec: RunSpec, request: EvalRequest) -> DataConfig:
 def generate_text(request: GenerateRequest) -> str:
     """`deltatune generate`: one reply from a base model plus an optional adapter."""
     model_name = request.model or (None if request.run else DEFAULT_MODEL)
-    loaded, _, _ = load_for_inference(model_name, request.adapter, request.run)
+    loaded, _, _ = load_for_inference(model_name, request.adapter, request.run,
+                                      trust_remote_code=request.trust_remote_code)
     tokenizer = loaded.tokenizer
     template = request.template or ("chat" if getattr(tokenizer, "chat_template", None)
                                     else "alpaca")

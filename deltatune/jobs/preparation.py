@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from deltatune.data import DataConfig, build_datasets
+from deltatune.errors import ConfigError
 from deltatune.data.batches import BatchSource, make_batch_source
 from deltatune.jobs.tasks import Task, get_task
 from deltatune.methods import apply, make_config
@@ -72,21 +73,33 @@ def run_path(spec: RunSpec, distributed: Distributed | None = None) -> Path:
     return Path(path)
 
 
-def prepare(spec: RunSpec, distributed: Distributed | None = None,
-            write_config: bool = True) -> Job:
+def check_run_folder(run: RunDirectory, overwrite: bool,
+                     distributed: Distributed | None = None) -> None:
+    """Refuses a folder that cannot take a new run; every process gets the main one's answer."""
+    problem = run.problem(overwrite) if run.writes else None
+    if distributed is not None:
+        problem = distributed.broadcast_text(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def prepare(spec: RunSpec, distributed: Distributed | None = None, *, new_run: bool = True,
+            overwrite: bool = False, trust_remote_code: bool = False) -> Job:
+    """Writes nothing: the run directory is only checked here (for a `new_run`, before the model
+    loads) and is started by the caller (`job.run.start`)."""
     set_threads(spec.train.threads)
     set_seed(spec.seed)
     task = get_task(spec.task)
     run = RunDirectory(run_path(spec, distributed),
                        writes=distributed is None or distributed.is_main)
-    if write_config:
-        run.write_config(spec.model_dump())
+    if new_run:
+        check_run_folder(run, overwrite, distributed)
     data = task.resolve_data(spec.data)
     label_names = task.head_labels(data, spec.seed)
     say(f"loading model {spec.model} ({task.name})", distributed)
     loaded = load_model(spec.model, task=task.model_kind,
                         num_labels=len(label_names) if label_names else None,
-                        label_names=label_names)
+                        label_names=label_names, trust_remote_code=trust_remote_code)
     if distributed is not None:
         loaded.model.to(distributed.device)
     config = make_config(spec.method, spec.method_options)

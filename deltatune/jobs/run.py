@@ -18,25 +18,44 @@ from deltatune.methods.adapter_io import save_adapter
 from deltatune.spec import RunSpec
 from deltatune.train.callbacks import Checkpointing, MetricsLog, PeriodicEvaluation, ProgressBar
 from deltatune.train.checkpoint import Checkpoint, latest_checkpoint
+from deltatune.train.divergence import DivergenceGuard
 from deltatune.train.distributed import Distributed, from_environment, whole_parameters
 from deltatune.train.loop import Callback, TrainResult, train
 from deltatune.train.speed import speed_options_applied
 from deltatune.train.threads import AdaptiveThreads
 
 
-def run_training(spec: RunSpec, resume: bool = False) -> RunSummary:
-    """Runs one job and returns its summary (also written to summary.json)."""
+def run_training(spec: RunSpec, resume: bool = False, overwrite: bool = False,
+                 trust_remote_code: bool = False) -> RunSummary:
+    """Runs one job and returns its summary (also written to summary.json). The run directory
+    must be new or empty (`overwrite` replaces an earlier run there); a run that fails before
+    its first checkpoint removes its directory again."""
     distributed = from_environment(spec.train.distributed)
     try:
-        return _run(spec, resume, distributed)
+        return _run(spec, resume, overwrite, trust_remote_code, distributed)
     finally:
         if distributed is not None:
             distributed.shutdown()
 
 
-def _run(spec: RunSpec, resume: bool, distributed: Distributed | None) -> RunSummary:
+def _run(spec: RunSpec, resume: bool, overwrite: bool, trust_remote_code: bool,
+         distributed: Distributed | None) -> RunSummary:
     checkpoint = _checkpoint_to_resume(spec) if resume else None
-    job = prepare(spec, distributed, write_config=checkpoint is None)
+    job = prepare(spec, distributed, new_run=checkpoint is None, overwrite=overwrite,
+                  trust_remote_code=trust_remote_code)
+    if checkpoint is None:
+        job.run.start(spec.model_dump(), overwrite)
+    try:
+        return _train_and_report(job, checkpoint)
+    except BaseException:
+        if job.run.discard():
+            say(f"removed {job.run.path}: the run failed before its first checkpoint",
+                distributed)
+        raise
+
+
+def _train_and_report(job: Job, checkpoint: Checkpoint | None) -> RunSummary:
+    spec, distributed = job.spec, job.distributed
     evaluate = job.task.evaluator(job.loaded, job.eval_examples, job.data_info, spec.eval,
                                   spec.progress and _is_main(job))
     baseline = _baseline(job, evaluate, resumed=checkpoint is not None)
@@ -53,8 +72,9 @@ def _run(spec: RunSpec, resume: bool, distributed: Distributed | None) -> RunSum
     say(f"tuned: {headline(final)}", distributed)
     _save_artifacts(job)
     periodic = next((c for c in callbacks if isinstance(c, PeriodicEvaluation)), None)
+    guard = next(c for c in callbacks if isinstance(c, DivergenceGuard))
     summary = _summary(job, result, baseline, final, periodic,
-                       checkpoint.step if checkpoint else None)
+                       checkpoint.step if checkpoint else None, guard.diverged_at)
     job.run.write_summary(summary.as_dict())
     say(f"run directory: {job.run.path}", distributed)
     return summary
@@ -101,6 +121,7 @@ def _callbacks(job: Job, evaluate: Callable[[], dict[str, Any]]) -> list[Callbac
                                        metrics_path=job.run.metrics_path))
     if train.threads is None:
         callbacks.append(AdaptiveThreads())
+    callbacks.append(DivergenceGuard(job.run.log, stop=train.stop_on_divergence))
     callbacks.append(ProgressBar(job.spec.progress))
     return callbacks
 
@@ -129,7 +150,8 @@ def bytes_on_disk(path: Path) -> int:
 
 
 def _summary(job: Job, result: TrainResult, baseline: dict | None, final: dict,
-             periodic: PeriodicEvaluation | None, resumed_from: int | None) -> RunSummary:
+             periodic: PeriodicEvaluation | None, resumed_from: int | None,
+             diverged_at: int | None) -> RunSummary:
     counts = job.handle.parameter_counts()
     return RunSummary(
         model=job.spec.model, method=job.spec.method, task=job.spec.task,
@@ -137,7 +159,7 @@ def _summary(job: Job, result: TrainResult, baseline: dict | None, final: dict,
         best_metrics_during_training=rounded(periodic.best_metrics if periodic else None),
         trainable_parameters=counts.trainable, total_parameters=counts.total,
         trainable_percent=round(counts.trainable_percent, 6),
-        steps=result.steps, stopped_early=result.stopped_early,
+        steps=result.steps, stopped_early=result.stopped_early, diverged_at_step=diverged_at,
         train_input_tokens=result.input_tokens, train_label_tokens=result.label_tokens,
         train_wall_seconds=round(result.wall_seconds, 3),
         train_tokens_per_second=round(result.tokens_per_second, 2),

@@ -20,6 +20,8 @@ class RunSummary:
     trainable_percent: float
     steps: int
     stopped_early: bool
+    # The step where the loss was first seen diverging (deltatune/train/divergence.py), or None.
+    diverged_at_step: int | None
     train_input_tokens: int
     train_label_tokens: int
     train_wall_seconds: float

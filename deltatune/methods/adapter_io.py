@@ -1,12 +1,16 @@
 """Adapter files: `adapter_config.json` + `adapter_model.safetensors`, the layout and key names
 Hugging Face PEFT reads and writes. Methods PEFT has use its `peft_type`; methods it lacks write
-`DELTATUNE_<NAME>` and a `deltatune_method` key so `load_adapter` knows which method to apply."""
+`DELTATUNE_<NAME>` and a `deltatune_method` key so `load_adapter` knows which method to apply.
+Loading checks what it reads, since adapter folders are often shared: the config must be a JSON
+object, the weights a complete safetensors file of finite floating-point tensors."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -49,8 +53,13 @@ def read_adapter_config(directory: str | Path) -> MethodConfig:
                                  "save_adapter or PEFT's save_pretrained wrote")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AdapterFormatError(f"{path} is not valid JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFormatError(f"{path} is not valid JSON ({error}); re-save the adapter or "
+                                 "copy the file again") from None
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{path} must hold a JSON object (got a {type(raw).__name__}); "
+                                 "re-save the adapter with save_adapter or PEFT's "
+                                 "save_pretrained")
     method = raw.get("deltatune_method") or PEFT_TYPE_TO_METHOD.get(raw.get("peft_type", ""))
     if method is None:
         raise AdapterFormatError(
@@ -67,6 +76,28 @@ def load_adapter(model: nn.Module, directory: str | Path) -> MethodHandle:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterFormatError(f"no {WEIGHTS_NAME} in '{directory}'")
+    state = read_adapter_weights(weights)
     handle = apply(model, config)
-    handle.load_state_dict(load_file(str(weights)))
+    handle.load_state_dict(state)
     return handle
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter weights file, refusing a damaged file and values no trained
+    adapter has: integer tensors or NaN/inf (which would make every output NaN or empty)."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise AdapterFormatError(f"{path} is not a readable safetensors file ({error}); it is "
+                                 "empty, truncated or corrupt: copy or save the adapter "
+                                 "again") from None
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{path}: tensor '{name}' has dtype {tensor.dtype}; adapter "
+                                     "weights are floating point, so the file is not an "
+                                     "adapter or was altered: save the adapter again")
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"{path}: tensor '{name}' holds NaN or infinite values (a "
+                                     "diverged or damaged run); retrain, or load an earlier "
+                                     "checkpoint's adapter")
+    return state

@@ -12,6 +12,7 @@ and module type, never by model class, and read a layer's dense weight (`base_we
 from __future__ import annotations
 
 import dataclasses
+import typing
 import math
 import re
 from contextlib import contextmanager
@@ -81,7 +82,44 @@ class MethodConfig:
                 f"unknown option(s) {unknown} for method '{cls.method_name}'; "
                 f"valid options: {sorted(fields)}"
             )
-        return cls(**options)
+        hints = typing.get_type_hints(cls)
+        for name, value in options.items():
+            if _is_number_field(hints.get(name)):
+                _check_option_type(cls, name, value)
+        try:
+            return cls(**options)
+        except (TypeError, ValueError, AttributeError) as error:
+            # The config's own checks (ConfigError) did not catch a value of the wrong type.
+            for name, value in options.items():
+                _check_option_type(cls, name, value)
+            raise ConfigError(f"method '{cls.method_name}' options {options}: {error}") from None
+
+
+def _is_number_field(annotation: Any) -> bool:
+    """int / float / bool fields (or Optional ones): checked before the config is built, since
+    a wrong type there would only fail later, inside torch."""
+    arguments = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    return bool(arguments) and all(a in (int, float, bool) for a in arguments)
+
+
+def _check_option_type(cls: type, name: str, value: Any) -> None:
+    """A ConfigError naming the option, the type its field needs and the value given."""
+    from pydantic import TypeAdapter, ValidationError
+
+    annotation = typing.get_type_hints(cls).get(name)
+    if annotation is None:
+        return
+    try:
+        TypeAdapter(annotation).validate_python(value)
+    except ValidationError:
+        raise ConfigError(f"option '{name}' of method '{cls.method_name}' must be "
+                          f"{_type_name(annotation)}, got {value!r}") from None
+    except Exception:  # noqa: BLE001 - an annotation pydantic has no validator for
+        return
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 @dataclass
@@ -362,6 +400,15 @@ def module_matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def _pattern_list(patterns: Any, option: str, method_name: str) -> list[str]:
+    if isinstance(patterns, str):
+        return [patterns]
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{method_name}: '{option}' must be a module name or a list of module "
+                          f"name patterns (e.g. targets=query,value), got {patterns!r}")
+    return list(patterns)
+
+
 def find_modules(
     model: nn.Module,
     patterns: Iterable[str],
@@ -371,8 +418,8 @@ def find_modules(
 ) -> list[tuple[str, nn.Module]]:
     """Modules of the given types whose names match any pattern. Raises `TargetNotFoundError`
     listing the valid target names when a pattern matches nothing."""
-    patterns = list(patterns)
-    exclude = list(exclude)
+    patterns = _pattern_list(patterns, "targets", method_name)
+    exclude = _pattern_list(exclude, "exclude", method_name)
     candidates = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, module_types) and name

@@ -1,6 +1,9 @@
 """Loading a model and its tokenizer for a task, from a known name, a local folder, a GGUF file or
 a Hugging Face hub id, always the same way: fp32 (unless asked), SDPA attention, eval mode, a pad
-token that is not end-of-sequence where the vocabulary allows, right padding. The GGUF of a known
+token that is not end-of-sequence where the vocabulary allows, right padding, and never the Python
+code a folder or hub repo may ship (`auto_map`) unless the caller passes `trust_remote_code=True`:
+without it such a folder raises CustomCodeError (transformers would otherwise ask on stdin). The
+GGUF of a known
 model is dequantized once into a safetensors folder under `$DELTATUNE_CACHE/models/<name>`, built
 in a temporary folder and renamed into place, so later loads take a second, not twenty."""
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
-from deltatune.errors import ConfigError, ModelNotFoundError
+from deltatune.errors import ConfigError, CustomCodeError, DeltatuneError, ModelNotFoundError
 from deltatune.fileio import write_json, write_safetensors
 from deltatune.models.registry import (INSTALL_HINTS, KNOWN_MODELS, KnownModel, cache_dir,
                                        is_cached)
@@ -48,19 +51,22 @@ class LoadedModel:
 
 def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None,
                label_names: list[str] | None = None,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> LoadedModel:
     """Loads a known model name, a local folder (or .gguf file), or a hub id for `task`
     ("causal-lm" or "classification"; classification adds a new head of `num_labels` outputs,
-    named by `label_names` when given)."""
+    named by `label_names` when given). `trust_remote_code=True` lets transformers import the
+    Python files a folder or repo names in `auto_map`: pass it only for code you have read."""
     head_kwargs = _head_kwargs(task, num_labels, label_names)
     entry = KNOWN_MODELS.get(name_or_path)
     if entry is not None:
-        return _load_known(entry, task, head_kwargs, dtype)
+        return _load_known(entry, task, head_kwargs, dtype)  # packaged: never custom code
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _load_local(path, task, head_kwargs, dtype)
+        return _load_local(path, task, head_kwargs, dtype, trust_remote_code)
     if _looks_like_hub_id(name_or_path):
-        return _load_hub(name_or_path, name_or_path, task, head_kwargs, dtype)
+        return _load_hub(name_or_path, name_or_path, task, head_kwargs, dtype,
+                         trust_remote_code=trust_remote_code)
     raise ModelNotFoundError(f"{name_or_path!r} is neither a known model name nor an existing "
                              f"path. {_known_names_hint(name_or_path)}")
 
@@ -106,7 +112,7 @@ def _load_known(entry: KnownModel, task: str, head_kwargs: dict[str, Any],
 
 
 def _load_local(path: Path, task: str, head_kwargs: dict[str, Any],
-                dtype: torch.dtype) -> LoadedModel:
+                dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
     gguf_file = None
     if path.is_file():
         if path.suffix != ".gguf":
@@ -117,17 +123,20 @@ def _load_local(path: Path, task: str, head_kwargs: dict[str, Any],
         contents = sorted(p.name for p in path.iterdir())[:10]
         raise ModelNotFoundError(f"folder {path} has no config.json (it holds {contents}); pass "
                                  "a folder written by save_pretrained, or a .gguf file")
-    model, tokenizer = _from_pretrained(path, task, head_kwargs, dtype, gguf_file=gguf_file)
+    model, tokenizer = _from_pretrained(path, task, head_kwargs, dtype, gguf_file=gguf_file,
+                                        trust_remote_code=trust_remote_code)
     source = path / gguf_file if gguf_file else path
     return _finish(model, tokenizer, source.name, str(source), task)
 
 
 def _load_hub(hub_id: str, name: str, task: str, head_kwargs: dict[str, Any],
-              dtype: torch.dtype, offline_fix: str | None = None) -> LoadedModel:
+              dtype: torch.dtype, offline_fix: str | None = None,
+              trust_remote_code: bool = False) -> LoadedModel:
     online = hub_reachable()
     try:
         model, tokenizer = _from_pretrained(hub_id, task, head_kwargs, dtype,
-                                            local_files_only=not online)
+                                            local_files_only=not online,
+                                            trust_remote_code=trust_remote_code)
     except OSError as error:  # huggingface_hub's errors are OSErrors too
         where = ("the Hugging Face hub does not have it or refused access" if online else
                  "the Hugging Face hub is unreachable (offline) and the local HF cache has no copy")
@@ -152,17 +161,13 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any],
                      dtype: torch.dtype, gguf_file: str | None = None,
-                     local_files_only: bool = False
+                     local_files_only: bool = False, trust_remote_code: bool = False
                      ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    common: dict[str, Any] = {"local_files_only": local_files_only}
+    common: dict[str, Any] = {"local_files_only": local_files_only,
+                              "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **common)
-    except ValueError as error:  # transformers' way of saying "no tokenizer files here"
-        raise ModelNotFoundError(f"no usable tokenizer at {location} ({_first_line(error)}); "
-                                 "save one next to the weights with "
-                                 "tokenizer.save_pretrained(folder)") from None
+    tokenizer = load_tokenizer(location, **common)
     model_class = (AutoModelForCausalLM if task == "causal-lm"
                    else AutoModelForSequenceClassification)
     extra = dict(head_kwargs)
@@ -172,12 +177,44 @@ def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any
         model = model_class.from_pretrained(location, dtype=dtype, attn_implementation="sdpa",
                                             **common, **extra)
     except ValueError as error:
+        custom = _custom_code_error(location, error)
+        if custom is not None:
+            raise custom from None
         if "Unrecognized configuration class" not in str(error):
             raise
         raise ConfigError(f"{location} has no {task} model class in transformers "
                           f"({_first_line(error)}); choose the other task or another "
                           "model") from None
     return model, tokenizer
+
+
+def load_tokenizer(location: Path | str, trust_remote_code: bool = False,
+                   error_class: type[DeltatuneError] = ModelNotFoundError,
+                   **options: Any) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained` that runs no tokenizer code shipped in the folder unless
+    `trust_remote_code`, and reports an unreadable tokenizer as one `error_class` line."""
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                             **options)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        # ValueError: no tokenizer files, or invalid JSON; the others: JSON of the wrong shape.
+        custom = _custom_code_error(location, error)
+        if custom is not None:
+            raise custom from None
+        raise error_class(f"no usable tokenizer at {location} ({type(error).__name__}: "
+                          f"{_first_line(error)}); save one there with "
+                          "tokenizer.save_pretrained(folder)") from None
+
+
+def _custom_code_error(location: Path | str, error: Exception) -> CustomCodeError | None:
+    """transformers refuses an `auto_map` it may not run with "pass trust_remote_code=True"."""
+    if "trust_remote_code" not in str(error):
+        return None
+    return CustomCodeError(
+        f"{location} contains custom code (an auto_map entry in its config.json or "
+        "tokenizer_config.json) that loading would run; read that code and, if you trust it, "
+        "pass --trust-remote-code (library: trust_remote_code=True), or use a folder without "
+        "auto_map")
 
 
 def _first_line(error: Exception) -> str:

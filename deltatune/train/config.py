@@ -32,6 +32,9 @@ class TrainConfig:
     # Evaluate every N optimizer steps (None: only at the end).
     eval_every: Annotated[int, Field(ge=1)] | None = None
     log_every: Annotated[int, Field(ge=1)] = 10
+    # A loss that climbs far above the first step's is reported (deltatune/train/divergence.py);
+    # True makes it an error that stops the run.
+    stop_on_divergence: bool = False
     # Stop after this many evaluations without improvement of `metric_for_best`.
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     metric_for_best: str | None = None

@@ -182,7 +182,7 @@ def test_bad_hub_syntax():
 
 def test_hub_source_without_datasets_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(DataError, match=r"pip install deltatune\[hub\]"):
+    with pytest.raises(DataError, match=r"pip install 'deltatune\[hub\]'"):
         read_records("hf:nyu-mll/glue:sst2:train")
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from deltatune.errors import DataError
 from deltatune.eval.metrics import accuracy, exact_match, macro_f1, perplexity
 
 
@@ -27,5 +28,15 @@ def test_exact_match_normalises_whitespace_only():
 
 def test_perplexity():
     assert perplexity(2 * math.log(4.0), 2) == pytest.approx(4.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="no evaluation token has a loss"):
         perplexity(1.0, 0)
+
+
+def test_scoring_nothing_is_a_data_error_and_unequal_lengths_a_bug():
+    with pytest.raises(DataError, match="cannot compute accuracy: the evaluation set has no "
+                                        "examples"):
+        accuracy([], [])
+    with pytest.raises(DataError, match="cannot compute exact_match"):
+        exact_match([], [])
+    with pytest.raises(ValueError, match="equally long"):
+        accuracy([0], [0, 1])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from deltatune.data import DataConfig, DataEncoding
+from deltatune.errors import ConfigError
 from deltatune.eval.config import EvalConfig
 from deltatune.methods.base import MethodConfig
 from deltatune.train.objectives import LossTerm, Objective
@@ -57,3 +58,15 @@ class Task:
     def saved_labels(self, run_dir: Path) -> list[str] | None:
         """The class names a trained run's head was built with (None: no new head)."""
         return None
+
+
+def require_training_file(task_name: str, data: DataConfig) -> DataConfig:
+    """`resolve_data` of the tasks whose data only files provide (the built-in sets are
+    instruction data)."""
+    if data.builtin:
+        raise ConfigError(f"built-in task {data.builtin!r} is instruction data for task "
+                          f"causal-lm; task '{task_name}' needs --train PATH instead (drop "
+                          "--builtin, or use --task causal-lm)")
+    if not data.train:
+        raise ConfigError(f"task '{task_name}' needs training data: pass --train PATH")
+    return data

@@ -15,7 +15,7 @@ from deltatune.data import ClassificationEncoding, DataConfig, discover_label_na
 from deltatune.errors import AdapterFormatError, ConfigError
 from deltatune.eval.config import EvalConfig
 from deltatune.eval.evaluate import evaluate_classification
-from deltatune.jobs.tasks.base import Evaluate, Task
+from deltatune.jobs.tasks.base import Evaluate, Task, require_training_file
 from deltatune.methods.base import MethodConfig
 from deltatune.train.objectives import ClassificationObjective, LossTerm, Objective
 from deltatune.train.packed_classification import can_pack_classification
@@ -34,9 +34,7 @@ class ClassificationTask(Task):
     pools_packed_rows = True
 
     def resolve_data(self, data: DataConfig) -> DataConfig:
-        if not data.train:
-            raise ConfigError(f"task '{self.name}' needs training data: pass --train PATH")
-        return data
+        return require_training_file(self.name, data)
 
     def head_labels(self, data: DataConfig, seed: int) -> list[str]:
         return discover_label_names(data, seed)
@@ -70,4 +68,13 @@ class ClassificationTask(Task):
         if not path.is_file():
             raise AdapterFormatError(f"{run_dir} has no {LABELS_FILE}; a classification run "
                                      "written by `deltatune train` keeps its class names there")
-        return json.loads(path.read_text(encoding="utf-8"))["label_names"]
+        try:
+            names = json.loads(path.read_text(encoding="utf-8")).get("label_names")
+        except (ValueError, AttributeError):  # invalid JSON, or JSON that is not an object
+            names = None
+        if not (isinstance(names, list) and names
+                and all(isinstance(name, str) for name in names)):
+            raise AdapterFormatError(f"{path} must be a JSON object like "
+                                     '{"label_names": ["negative", "positive"]} (the class '
+                                     "names in head order); restore it or train again")
+        return names

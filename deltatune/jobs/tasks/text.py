@@ -3,7 +3,7 @@ every token, packed, evaluated by perplexity. Needs a training file."""
 from __future__ import annotations
 
 from deltatune.data import DataConfig, TextBlockEncoding
-from deltatune.errors import ConfigError
+from deltatune.jobs.tasks.base import require_training_file
 from deltatune.jobs.tasks.causal_lm import CausalLMTask
 
 
@@ -12,9 +12,7 @@ class TextTask(CausalLMTask):
     encoding = TextBlockEncoding()
 
     def resolve_data(self, data: DataConfig) -> DataConfig:
-        if not data.train:
-            raise ConfigError(f"task '{self.name}' needs training data: pass --train PATH")
-        return data
+        return require_training_file(self.name, data)
 
     def primary_metric(self, requested: str, examples: list[dict]) -> str:
         return "perplexity" if requested == "auto" else requested
