@@ -18,15 +18,9 @@ from deltatune.errors import AdapterFormatError
 from deltatune.methods.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from deltatune.methods.lora import LoraConfig
 from tests.conftest import tiny_llama
+from tests.models.test_custom_code import model_folder  # noqa: F401 (fixture)
 from tests.models.test_loading import llama_tokenizer
 
-
-@pytest.fixture
-def model_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny-llama"
-    tiny_llama().save_pretrained(folder)
-    llama_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
