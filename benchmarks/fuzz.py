@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,9 +30,10 @@ def main() -> int:
 
     from deltatune.fileio import write_json
     from tests.fuzz.harness import run_fuzz, tally
+    from train_speed import cpu_name
 
     torch.set_num_threads(1)
-    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; "
           f"cases {args.cases}, seed {args.seed}", flush=True)
     bar = tqdm(total=args.cases, unit="case")
     problems = 0

@@ -577,7 +577,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 1
     _ensure_model_cache()
-    print(f"cpu: {_cpu_name()}, {os.cpu_count()} cores; competing processes: "
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; competing processes: "
           f"{args.competing_processes}", flush=True)
     peak_at_start = measure_matmul_peak(args.threads)
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
@@ -640,7 +640,7 @@ def _ensure_model_cache() -> None:
                         f"load_model({MODEL!r})"], check=True, cwd=ROOT)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -652,7 +652,7 @@ def _cpu_name() -> str:
 
 def _conditions(args) -> dict:
     return {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "competing_processes": args.competing_processes, "cpu": _cpu_name(),
+            "competing_processes": args.competing_processes, "cpu": cpu_name(),
             "threads": args.threads, "chunk_size": args.chunk_size, "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "peak_flops": args.peak_flops}
