@@ -71,6 +71,10 @@ class Variant:
     allocator: str = "reuse"  # deltatune's CPU allocator policy (see deltatune/train/speed.py)
     # deltatune's default: threads = the cores other processes leave free (train/threads.py).
     adaptive_threads: bool = False
+    # Frozen base: a deltatune.quant format (deltatune sides) or bitsandbytes NF4 + double quant
+    # (peer sides, quantize="bnb-nf4"), and the precision it computes in (fp32 or bf16).
+    quantize: str | None = None
+    base_dtype: str = "fp32"
 
 
 VARIANTS = {
@@ -98,6 +102,24 @@ VARIANTS = {
                                 chunked_loss=True, allocator="system"),
     "dt-release-malloc": Variant("deltatune", packing="flat", packed_attention=True,
                                  chunked_loss=True, allocator="release"),
+    # QLoRA and the low-precision base (issue: quantization). The peer's QLoRA is transformers'
+    # BitsAndBytesConfig(load_in_4bit, nf4, double quant) + PEFT, as the PEFT docs show it.
+    "peer-qlora": Variant("peft", allocator="system", quantize="bnb-nf4"),
+    "peer-qlora-bf16": Variant("peft", allocator="system", quantize="bnb-nf4", base_dtype="bf16"),
+    "peer-bf16": Variant("peft", allocator="system", base_dtype="bf16"),
+    "dt-qlora": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True,
+                        adaptive_threads=True, quantize="nf4"),
+    "dt-qlora-bf16": Variant("deltatune", packing="flat", packed_attention=True,
+                             chunked_loss=True, adaptive_threads=True, quantize="nf4",
+                             base_dtype="bf16"),
+    "dt-qlora-bf16-release": Variant("deltatune", packing="flat", packed_attention=True,
+                                     chunked_loss=True, adaptive_threads=True, quantize="nf4",
+                                     base_dtype="bf16", allocator="release"),
+    "dt-qlora-bf16-ckpt": Variant("deltatune", packing="flat", packed_attention=True,
+                                  chunked_loss=True, adaptive_threads=True, quantize="nf4",
+                                  base_dtype="bf16", checkpointing=True),
+    "dt-bf16": Variant("deltatune", packing="flat", packed_attention=True, chunked_loss=True,
+                       adaptive_threads=True, base_dtype="bf16"),
 }
 
 
@@ -143,6 +165,7 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
         return run_classification_side(side, variant, steps, requested_threads)
     torch.manual_seed(SEED)
     model, tokenizer, parameters, train_step = _build(variant, chunk_size)
+    load_peak_rss = peak_rss_bytes()
     _seeded_lora_init(model)
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
     batches = _batches(workload, variant, tokenizer, steps)
@@ -165,6 +188,7 @@ def run_side(side: str, workload: str, steps: int, threads: int | None,
         result.computed_tokens.append(computed)
     result.peak_rss_bytes = peak_rss_bytes()
     result.extra["thread_changes"] = getattr(threads_policy, "changes", [])
+    result.extra["load_peak_rss_bytes"] = load_peak_rss
     return result
 
 
@@ -324,8 +348,16 @@ def _build_peer(variant: Variant):
     set_allocator_policy(variant.allocator)
     folder = cache_dir(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    dtype = torch.bfloat16 if variant.base_dtype == "bf16" else torch.float32
+    extra = {}
+    if variant.quantize == "bnb-nf4":
+        from transformers import BitsAndBytesConfig
+        extra = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)}
+        dtype = torch.float32  # the non-quantized rest, as the PEFT QLoRA examples load it
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                 attn_implementation="sdpa", **extra)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -344,9 +376,14 @@ def _build_deltatune(variant: Variant, chunk_size: int | None):
     from deltatune.train.objectives import CausalLMObjective
     from deltatune.train.speed import SpeedOptions, apply_speed_options
 
-    loaded = load_model(MODEL)
+    loaded = load_model(MODEL, quantize=variant.quantize)
     handle = deltatune.apply(loaded.model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.0,
                                                       targets=TARGETS))
+    if variant.base_dtype == "bf16":
+        import torch
+
+        from deltatune.quant import use_base_dtype
+        use_base_dtype(loaded.model, torch.bfloat16)
     if variant.chunked_loss and chunk_size is not None:
         install_fused_loss(loaded.model, chunk_size)
     apply_speed_options(loaded.model, SpeedOptions(
@@ -492,8 +529,10 @@ def run_in_subprocess(side: str, workload: str, steps: int, threads: int | None,
         return SideResult(**json.loads(output.read_text()))
 
 
-def summarise(results: list[SideResult], warmup: int, peak_flops: float) -> dict:
-    """Per workload and side: median tokens/s over repeats, max peak RSS, ratios to the peer."""
+def summarise(results: list[SideResult], warmup: int, peak_flops: float,
+              reference: str = "peer") -> dict:
+    """Per workload and side: median tokens/s over repeats, max peak RSS, ratios to the
+    `reference` side (the peer) and to deltatune's default side."""
     summary: dict = {}
     for workload in dict.fromkeys(r.workload for r in results):
         rows = {}
@@ -513,8 +552,16 @@ def summarise(results: list[SideResult], warmup: int, peak_flops: float) -> dict
                 "final_loss": runs[0].losses[-1],
                 "losses": [round(x, 4) for x in runs[0].losses],
                 "threads": runs[0].threads,
+                "load_peak_rss_gb": max(r.extra.get("load_peak_rss_bytes", 0) for r in runs) / 1e9,
             }
-        peer = rows.get("peer")
+        peer = rows.get(reference)
+        ours = rows.get("deltatune")
+        for row in rows.values():
+            if ours is not None:
+                row["speed_vs_deltatune"] = row["real_tokens_per_s"] / ours["real_tokens_per_s"]
+                row["memory_vs_deltatune"] = row["peak_rss_gb"] / ours["peak_rss_gb"]
+                row["max_loss_diff_vs_deltatune"] = max(
+                    abs(a - b) for a, b in zip(row["losses"], ours["losses"]))
         for side, row in rows.items():
             if peer is not None:
                 row["speed_vs_peer"] = row["real_tokens_per_s"] / peer["real_tokens_per_s"]
@@ -532,6 +579,18 @@ def _best_of_repeats(runs: list[SideResult], warmup: int) -> float:
     and on a shared machine other processes only ever add time."""
     fastest = [min(r.step_seconds[i] for r in runs) for i in range(warmup, len(runs[0].losses))]
     return sum(runs[0].real_tokens[warmup:]) / sum(fastest)
+
+
+def print_against_deltatune(summary: dict) -> None:
+    """Each side against deltatune's default fp32 LoRA side (the QLoRA and bf16 targets)."""
+    print(f"{'workload':8} {'side':17} {'x deltatune tok/s':>17} {'x deltatune peak':>16} "
+          f"{'load peak GB':>12} {'max |dloss| vs dt':>17}")
+    for workload, rows in summary.items():
+        for side, row in rows.items():
+            if "speed_vs_deltatune" in row:
+                print(f"{workload:8} {side:17} {row['speed_vs_deltatune']:17.2f} "
+                      f"{row['memory_vs_deltatune']:16.2f} {row['load_peak_rss_gb']:12.2f} "
+                      f"{row['max_loss_diff_vs_deltatune']:17.4f}")
 
 
 def print_table(summary: dict) -> None:
@@ -566,6 +625,8 @@ def main() -> None:
                         help="label positions per loss chunk on deltatune sides")
     parser.add_argument("--competing-processes", type=int, default=0,
                         help="run N busy CPU processes during every side (a shared machine)")
+    parser.add_argument("--reference", default="peer",
+                        help="the side the 'x peer' ratios divide by (e.g. peer-qlora)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -577,8 +638,10 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 1
     _ensure_model_cache()
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; competing processes: "
-          f"{args.competing_processes}", flush=True)
+    from deltatune.quant.precision import native_bf16_flags
+    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores, native bf16 flags: "
+          f"{native_bf16_flags() or 'none'}; competing processes: {args.competing_processes}",
+          flush=True)
     peak_at_start = measure_matmul_peak(args.threads)
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     sides = args.sides.split(",")
@@ -592,9 +655,10 @@ def main() -> None:
     args.peak_flops = max(peaks)
     print(f"fp32 matmul peak (best of {PEAK_SHAPES}): "
           f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s at start, end")
-    summary = summarise(results, args.warmup, args.peak_flops)
+    summary = summarise(results, args.warmup, args.peak_flops, args.reference)
     summary["conditions"] = _conditions(args)
     print_table({k: v for k, v in summary.items() if k != "conditions"})
+    print_against_deltatune({k: v for k, v in summary.items() if k != "conditions"})
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
 
@@ -641,13 +705,8 @@ def _ensure_model_cache() -> None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    from deltatune.quant.precision import cpu_name as read_cpu_name
+    return read_cpu_name()
 
 
 def _conditions(args) -> dict:

@@ -1,4 +1,4 @@
-"""The `deltatune` command: train, eval, generate, models.
+"""The `deltatune` command: train, eval, generate, quantize, export, models.
 
 Every subcommand has its own --help. User mistakes print one line `error: ...` with the fix and
 exit with code 2; nothing is left half-written (see deltatune.fileio). This module only turns
@@ -33,6 +33,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "lr": "train.learning_rate", "weight_decay": "train.weight_decay",
     "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
     "grad_accum": "train.gradient_accumulation", "grad_clip": "train.grad_clip",
+    "optimizer": "train.optimizer",
     "schedule": "train.schedule", "warmup_ratio": "train.warmup_ratio",
     "warmup_steps": "train.warmup_steps", "eval_every": "train.eval_every",
     "log_every": "train.log_every", "early_stopping_patience": "train.early_stopping_patience",
@@ -43,6 +44,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "allocator": "train.allocator", "threads": "train.threads",
     "save_every": "train.save_every", "distributed": "train.distributed",
     "stop_on_divergence": "train.stop_on_divergence",
+    "quantize": "quantize", "base_dtype": "base_dtype",
 }
 
 
@@ -239,6 +241,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from deltatune.jobs.quantize import QuantizeRequest, quantize_saved
+
+    request = QuantizeRequest(source=args.source, quant_format=args.format, out=args.out,
+                              overwrite=args.overwrite, eval_text=args.eval_text,
+                              eval_tokens=args.eval_tokens,
+                              generate_tokens=args.generate_tokens, evaluate=not args.no_eval,
+                              progress=not args.no_progress,
+                              trust_remote_code=args.trust_remote_code)
+    report = quantize_saved(request)
+    print(json.dumps(report, indent=2, default=str, allow_nan=False))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from deltatune.models import list_models
 
@@ -307,10 +323,18 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", help="known name (see `deltatune models`), local folder or hub id")
     g.add_argument("--task", choices=["causal-lm", "classification", "text"],
                    help="causal-lm: instruction tuning; text: plain LM adaptation")
-    g.add_argument("--method", help="adaptation method: lora, full, freeze, adapter, prefix, "
-                   "prompt, ptuning, ia3, textual-inversion, hyperlora")
+    g.add_argument("--method", help="adaptation method: lora, qlora, full, freeze, adapter, "
+                   "prefix, prompt, ptuning, ia3, textual-inversion, hyperlora")
     g.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable: -o r=16 -o targets=q_proj,v_proj")
+    g.add_argument("--quantize", metavar="FORMAT",
+                   help="freeze the base's linear layers in a number format while loading: "
+                   "nf4 (QLoRA: NF4 + double quantization; `--method qlora` implies it), int8, "
+                   "int4-g128, int4-g128-asym, int2-g64, int1-g64, ternary")
+    g.add_argument("--base-dtype", choices=["auto", "fp32", "bf16"],
+                   help="precision of the frozen base (default fp32); auto = bf16 only where "
+                   "the CPU has native bf16 and a measured matmul is faster; trainable weights "
+                   "and optimizer state stay fp32")
     g = p.add_argument_group("data")
     g.add_argument("--train", help="training file (.json/.jsonl/.csv/.tsv/.txt) or hf:NAME")
     g.add_argument("--eval", help="evaluation file; without it a split of --train is used")
@@ -340,6 +364,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, help="examples (or packed rows) per micro-batch")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    g.add_argument("--optimizer", choices=["adamw", "paged_adamw_8bit"],
+                   help="adamw (default) or bitsandbytes' paged 8-bit AdamW (QLoRA's; CUDA "
+                   "only)")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"])
     g.add_argument("--warmup-ratio", type=float)
     g.add_argument("--warmup-steps", type=int)
@@ -438,6 +465,36 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_generate)
 
 
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="freeze a model's linear layers in a low-bit format and measure it",
+        description="Quantize the linear layers of a model (or of a trained run, its adapter "
+        "merged first) and write the packed model to --out, which `deltatune eval`, `generate` "
+        "and `train --model DIR` load. Reports bytes on disk against fp32, WikiText-2 "
+        "perplexity before and after (accuracy for a classification run), the weight "
+        "reconstruction error and milliseconds per generated token; the report is also "
+        f"written to DIR/quantize_report.json.", formatter_class=_HelpFormatter)
+    p.add_argument("source", metavar="MODEL_OR_RUN",
+                   help="known model name, folder, hub id, or a run directory")
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="nf4 (NF4 + double quantization, as QLoRA), int8 (per channel), "
+                   "int4-g128 / int4-g128-asym (groups of 128), int2-g64, int1-g64 (sign and "
+                   "group scale), ternary (BitNet b1.58); any group size: int4-g32, ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the packed model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--eval-text", metavar="FILE",
+                   help="plain text for perplexity (default: ../shared/data/text/"
+                   "wikitext2_test.txt)")
+    p.add_argument("--eval-tokens", type=_positive_int, default=8192,
+                   help="tokens of --eval-text to score, in windows of 512")
+    p.add_argument("--generate-tokens", type=int, default=32,
+                   help="tokens to generate for the ms/token measurement (0: skip)")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality measurement")
+    p.add_argument("--no-progress", action="store_true")
+    _add_trust_flag(p)
+    p.set_defaults(handler=cmd_quantize)
+
+
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list known models and whether they are available offline",
                        description="List the models deltatune knows by name, whether each is "
@@ -447,6 +504,8 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deltatune.cli_export import add_export_parser
+
     parser = argparse.ArgumentParser(
         prog="deltatune",
         description="Fine-tune pre-trained models with the right method and measure every "
@@ -455,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_eval_parser(sub)
     _add_generate_parser(sub)
+    _add_quantize_parser(sub)
+    add_export_parser(sub)
     _add_models_parser(sub)
     return parser
 

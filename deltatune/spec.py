@@ -31,9 +31,38 @@ class RunSpec(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Freeze the base's linear layers in this deltatune.quant format ("nf4" for QLoRA); None: as
+    # loaded (or the method's own, e.g. qlora's nf4).
+    quantize: str | None = None
+    # Precision of the frozen base: auto (bf16 where the CPU has it natively and it measures
+    # faster), fp32 or bf16. Trainable weights and optimizer state are fp32 either way.
+    base_dtype: str = "fp32"
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
+
+    @field_validator("quantize")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            from deltatune.quant.formats import get_format
+            try:
+                get_format(value)
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("base_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        from deltatune.quant.precision import BASE_DTYPES
+        if value not in BASE_DTYPES:
+            raise ValueError(f"choose one of {', '.join(BASE_DTYPES)}")
+        return value
+
+    def quantization(self) -> str | None:
+        """The format the base's linear layers are frozen in: asked for, or the method's own."""
+        return self.quantize or make_config(self.method, self.method_options).base_quantization
 
     @field_validator("task")
     @classmethod

@@ -32,6 +32,8 @@ def _files(folder: str) -> list[Path]:
     ("eval", "deltatune.train"), ("eval", "deltatune.jobs"), ("data", "deltatune.train"),
     ("data", "deltatune.jobs"), ("methods", "deltatune.train"), ("methods", "deltatune.jobs"),
     ("models", "deltatune.train"), ("models", "deltatune.jobs"),
+    ("quant", "deltatune.models"), ("quant", "deltatune.methods"), ("quant", "deltatune.train"),
+    ("quant", "deltatune.jobs"), ("quant", "deltatune.data"),
 ])
 def test_no_module_reaches_back_up_the_chain(folder, forbidden):
     offenders = [str(path.relative_to(PACKAGE)) for path in _files(folder)

@@ -13,6 +13,8 @@ _EXPORTS = {
     "EvalRequest": "deltatune.jobs.inference", "GenerateRequest": "deltatune.jobs.inference",
     "evaluate_saved": "deltatune.jobs.inference", "generate_text": "deltatune.jobs.inference",
     "load_for_inference": "deltatune.jobs.inference",
+    "ExportRequest": "deltatune.jobs.export", "export_merged": "deltatune.jobs.export",
+    "QuantizeRequest": "deltatune.jobs.quantize", "quantize_saved": "deltatune.jobs.quantize",
 }
 
 

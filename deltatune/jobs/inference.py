@@ -24,6 +24,7 @@ from deltatune.methods.adapter_io import load_adapter
 from deltatune.methods.base import MethodHandle
 from deltatune.models import LoadedModel, load_model
 from deltatune.models.loading import load_tokenizer
+from deltatune.quant.precision import resolve_base_dtype, use_base_dtype
 from deltatune.spec import RunSpec, read_run_spec
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -78,9 +79,11 @@ def load_for_inference(model: str | None, adapter: str | None, run_dir: str | No
         raise ConfigError("say which model: --model NAME_OR_PATH, or --run RUN_DIR")
     task = get_task(task_name)
     label_names = task.saved_labels(Path(run_dir)) if run_dir else None
+    # A run trained on a quantized base is evaluated on the same base, in the same precision.
     loaded = load_model(model, task=task.model_kind,
                         num_labels=len(label_names) if label_names else None,
-                        label_names=label_names, trust_remote_code=trust_remote_code)
+                        label_names=label_names, trust_remote_code=trust_remote_code,
+                        quantize=spec.quantization() if spec is not None else None)
     handle = None
     if adapter:
         if (Path(adapter) / "tokenizer_config.json").is_file():
@@ -88,6 +91,8 @@ def load_for_inference(model: str | None, adapter: str | None, run_dir: str | No
                                               error_class=AdapterFormatError)
         handle = load_adapter(loaded.model, adapter)
         loaded.model.eval()
+    if spec is not None and spec.base_dtype != "fp32":
+        use_base_dtype(loaded.model, resolve_base_dtype(spec.base_dtype).dtype)
     return loaded, handle, spec
 
 

@@ -19,6 +19,7 @@ from deltatune.jobs.tasks import Task, get_task
 from deltatune.methods import apply, make_config
 from deltatune.methods.base import MethodHandle
 from deltatune.models import LoadedModel, load_model
+from deltatune.quant.precision import BaseDtypeChoice, resolve_base_dtype, use_base_dtype
 from deltatune.spec import RunSpec
 from deltatune.train.distributed import Distributed
 from deltatune.train.run_dir import RunDirectory, default_run_name
@@ -48,6 +49,7 @@ class Job:
     eval_examples: list[dict]
     data_info: dict[str, Any]
     distributed: Distributed | None = None
+    base_dtype: BaseDtypeChoice | None = None
     # Packed rows: the task, the method, the config and the model all allow it (see `prepare`).
     packs: bool = False
 
@@ -96,17 +98,21 @@ def prepare(spec: RunSpec, distributed: Distributed | None = None, *, new_run: b
         check_run_folder(run, overwrite, distributed)
     data = task.resolve_data(spec.data)
     label_names = task.head_labels(data, spec.seed)
-    say(f"loading model {spec.model} ({task.name})", distributed)
+    config = make_config(spec.method, spec.method_options)
+    quantize = spec.quantization()
+    say(f"loading model {spec.model} ({task.name}"
+        f"{', linear layers in ' + quantize if quantize else ''})", distributed)
     loaded = load_model(spec.model, task=task.model_kind,
                         num_labels=len(label_names) if label_names else None,
-                        label_names=label_names, trust_remote_code=trust_remote_code)
+                        label_names=label_names, trust_remote_code=trust_remote_code,
+                        quantize=quantize)
     if distributed is not None:
         loaded.model.to(distributed.device)
-    config = make_config(spec.method, spec.method_options)
     task.adjust_method(config, loaded.model, spec.method_options)
     config.prepare(loaded.tokenizer)
     set_seed(spec.seed)  # method initialisation depends on the seed alone
     handle = apply(loaded.model, config)
+    base_dtype = apply_base_dtype(loaded.model, spec.base_dtype, distributed)
     datasets = build_datasets(data, loaded.tokenizer, task.encoding, spec.seed)
     counts = handle.parameter_counts()
     say(f"method {spec.method}: {counts.trainable:,} trainable of {counts.total:,} parameters "
@@ -115,4 +121,16 @@ def prepare(spec: RunSpec, distributed: Distributed | None = None, *, new_run: b
     packs = (task.packs and config.supports_packing and spec.train.packing
              and task.model_can_pack(loaded.model))
     return Job(spec, task, data, run, loaded, handle, datasets.train, datasets.eval,
-               dict(datasets.info), distributed, packs)
+               dict(datasets.info), distributed, base_dtype, packs)
+
+
+def apply_base_dtype(model: torch.nn.Module, requested: str,
+                     distributed: Distributed | None = None) -> BaseDtypeChoice:
+    """Puts the frozen base in the requested precision (after the method is applied, so its
+    trainable parameters stay fp32) and says what "auto" chose and why."""
+    device_type = next(model.parameters()).device.type
+    choice = resolve_base_dtype(requested, device_type)
+    use_base_dtype(model, choice.dtype)
+    if requested != "fp32":
+        say(f"frozen base in {choice.name} ({choice.reason})", distributed)
+    return choice

@@ -169,4 +169,6 @@ def _summary(job: Job, result: TrainResult, baseline: dict | None, final: dict,
         adapter_bytes=bytes_on_disk(job.run.adapter_path),
         resumed_from_step=resumed_from,
         processes=job.distributed.world_size if job.distributed else 1,
+        quantization=job.loaded.quantization,
+        base_dtype=job.base_dtype.to_dict() if job.base_dtype else None,
         data=job.data_info, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -32,6 +32,10 @@ class RunSummary:
     adapter_bytes: int
     resumed_from_step: int | None
     processes: int
+    # Linear layers frozen in a number format (quant.model.QuantizedModelInfo), or None.
+    quantization: dict[str, Any] | None
+    # The frozen base's precision: requested, chosen and why (quant.precision.BaseDtypeChoice).
+    base_dtype: dict[str, Any] | None
     data: dict[str, Any]
     finished_at: str
 

@@ -26,6 +26,8 @@ class MethodEntry:
 _METHODS: dict[str, MethodEntry] = {
     "lora": MethodEntry("deltatune.methods.lora", "LoraConfig", "apply_lora",
                         "LoRA low-rank deltas (rsLoRA, DoRA, Linear/Embedding/Conv2d)"),
+    "qlora": MethodEntry("deltatune.methods.lora", "QLoraConfig", "apply_lora",
+                         "QLoRA: LoRA on a base frozen in NF4 with double quantization"),
     "full": MethodEntry("deltatune.methods.full", "FullFinetuneConfig", "apply_full",
                         "full fine-tuning, optional layer-wise learning-rate decay"),
     "freeze": MethodEntry("deltatune.methods.freeze", "FreezeConfig", "apply_freeze",

@@ -36,6 +36,9 @@ class MethodConfig:
     # The `peft_type` written to adapter_config.json: PEFT's own value for methods PEFT has,
     # "DELTATUNE_<NAME>" for methods it lacks.
     peft_type: ClassVar[str] = ""
+    # A number format (deltatune.quant) the base's linear layers are frozen in when this method
+    # is chosen, e.g. "nf4" for QLoRA; None: the base stays as loaded unless the run asks.
+    base_quantization: ClassVar[str | None] = None
 
     # Module name patterns (see `module_matches`) of modules trained fully alongside the method,
     # e.g. a new classification head. Saved with the adapter, as PEFT's `modules_to_save`.

@@ -167,6 +167,16 @@ class LoraConfig(MethodConfig):
         )
 
 
+@dataclass
+class QLoraConfig(LoraConfig):
+    """QLoRA (Dettmers et al. 2023): LoRA on a base whose linear layers are frozen in NF4 with
+    double quantization (deltatune.quant.nf4), LoRA factors in fp32. The same options and the
+    same adapter files as LoRA: `--method qlora` is `--method lora --quantize nf4`."""
+
+    method_name: ClassVar[str] = "qlora"
+    base_quantization: ClassVar[str | None] = "nf4"
+
+
 def _is_regex(pattern: str) -> bool:
     return bool(_REGEX_CHARS & set(pattern))  # the rule base.module_matches uses
 

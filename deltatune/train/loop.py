@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from deltatune.errors import TrainingError
+from deltatune.errors import ConfigError, TrainingError
 from deltatune.train.checkpoint import capture_checkpoint
 from deltatune.train.config import TrainConfig
 from deltatune.train.schedule import make_scheduler, warmup_steps_for
@@ -141,9 +141,28 @@ def make_optimizer(target: Trainable, config: TrainConfig) -> torch.optim.Optimi
     groups = target.parameter_groups(config.learning_rate, config.weight_decay)
     if not any(group["params"] for group in groups):
         raise TrainingError("nothing to train: the method left no trainable parameters")
+    if config.optimizer == "paged_adamw_8bit":
+        return _paged_adamw_8bit(groups, config)
     # foreach keeps the update to a few fused kernels instead of one per tensor.
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay,
                              foreach=True)
+
+
+def _paged_adamw_8bit(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """QLoRA's optimizer: 8-bit AdamW states in CUDA unified memory, paged to the CPU when the
+    GPU runs short. bitsandbytes implements it for CUDA tensors only."""
+    devices = {p.device.type for group in groups for p in group["params"]}
+    if devices != {"cuda"}:
+        raise ConfigError("optimizer paged_adamw_8bit needs the model on a CUDA GPU (bitsandbytes "
+                          f"pages optimizer state through CUDA memory; here: {sorted(devices)}); "
+                          "use optimizer adamw on CPU")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("optimizer paged_adamw_8bit needs bitsandbytes: pip install "
+                          "bitsandbytes") from None
+    return bitsandbytes.optim.PagedAdamW8bit(groups, lr=config.learning_rate,
+                                             weight_decay=config.weight_decay)
 
 
 def train(target: Trainable, batches: BatchSource, objective: Objective, config: TrainConfig,

@@ -28,6 +28,9 @@ class Task:
     pools_packed_rows: ClassVar[bool] = False
     # The objective's loss may be fused with the output head (deltatune.models.fused_loss).
     fuses_loss: ClassVar[bool] = False
+    # The model is a language model: it generates text and has a perplexity on plain text
+    # (what `deltatune quantize` measures); otherwise quality is the task's own evaluator.
+    models_language: ClassVar[bool] = True
 
     def resolve_data(self, data: DataConfig) -> DataConfig:
         """The data config to use: a task may supply defaults (a built-in data set)."""

@@ -29,6 +29,7 @@ LABELS_FILE = "labels.json"
 class ClassificationTask(Task):
     name = "classification"
     model_kind = "classification"
+    models_language = False
     encoding = ClassificationEncoding()
     packs = True
     pools_packed_rows = True
