@@ -71,7 +71,7 @@ MERGE_SCALE_CASES = [c for c in SCALE_CASES if c.method != "adapter"]
 MERGE_CASES = [c for c in DISABLE_CASES
                if c.method in ("lora", "ia3", "hyperlora", "textual-inversion")]
 # (supports_disable, supports_scale) for every registered method.
-EXPECTED_FLAGS = {"lora": (True, True), "ia3": (True, True), "adapter": (True, True),
+EXPECTED_FLAGS = {"lora": (True, True), "qlora": (True, True), "ia3": (True, True), "adapter": (True, True),
                   "hyperlora": (True, True), "prefix": (True, False), "prompt": (True, False),
                   "ptuning": (True, False), "textual-inversion": (True, False),
                   "full": (False, False), "freeze": (False, False)}

@@ -215,9 +215,10 @@ def test_gguf_cache_converts_once_and_again_when_source_changes(
     gguf.write_bytes(b"GGUF" * 10)
     conversions = []
 
-    def fake_convert(location, task, head_kwargs, dtype, gguf_file=None, local_files_only=False):
+    def fake_convert(location, task, head_kwargs, how=None, gguf_file=None,
+                     local_files_only=False):
         conversions.append(gguf_file)
-        return tiny_llama(seed=len(conversions)), llama_tokenizer()
+        return tiny_llama(seed=len(conversions)), llama_tokenizer(), None
 
     monkeypatch.setattr(loading, "_from_pretrained", fake_convert)
     first = loading.ensure_gguf_cache("tiny", gguf)
