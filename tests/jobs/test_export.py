@@ -38,16 +38,12 @@ CORPUS = ("The quick brown fox jumps over the lazy dog near the river bank. "
           "To make a cup of tea, boil water, pour it over the leaves and wait three minutes. "
           "Question: What is the largest planet in the solar system? Answer: Jupiter. "
           "def add(a, b): return a + b. The model is small, random and quick to run. ") * 4
+from tests.test_fuzz import one_thread  # noqa: E402,F401 (autouse fixture: one torch thread)
+
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
                  "{{ message['content'] }}<|im_end|>\n{% endfor %}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
