@@ -1,4 +1,4 @@
-"""The `deltatune` command: train, eval, generate, quantize, export, models.
+"""The `deltatune` command: train, eval, generate, quantize, export, prune, distill, models.
 
 Every subcommand has its own --help. User mistakes print one line `error: ...` with the fix and
 exit with code 2; nothing is left half-written (see deltatune.fileio). This module only turns
@@ -310,6 +310,49 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_data_arguments(g: argparse._ArgumentGroup) -> None:
+    """The data flags `train` has; `prune` and `distill` take the same ones."""
+    g.add_argument("--train", help="training file (.json/.jsonl/.csv/.tsv/.txt) or hf:NAME")
+    g.add_argument("--eval", help="evaluation file; without it a split of --train is used")
+    g.add_argument("--builtin", help="built-in generated task (e.g. dates)")
+    g.add_argument("--builtin-train-size", type=int)
+    g.add_argument("--builtin-eval-size", type=int)
+    g.add_argument("--column", action="append", metavar="OURS=THEIRS",
+                   help="map a column, e.g. --column text=sentence --column label=label")
+    g.add_argument("--eval-column", action="append", metavar="OURS=THEIRS",
+                   help="map a column of the --eval file when it differs, e.g. text=content")
+    g.add_argument("--no-header", action="store_true",
+                   help="the .csv/.tsv files have no header row; name columns by position: "
+                   "--column label=0 --column text=1")
+    g.add_argument("--label-names", help="comma-separated class names, in label-id order")
+    g.add_argument("--placeholder", action="append", metavar="KEY=VALUE",
+                   help="fill {{KEY}} in the data, e.g. --placeholder name=Ada")
+    g.add_argument("--template", choices=["alpaca", "chat", "none"])
+    g.add_argument("--max-length", type=int, help="tokens per example (longer are truncated)")
+    g.add_argument("--eval-fraction", type=float, help="held-out share when no --eval file")
+    g.add_argument("--train-limit", type=int, help="use only the first N training rows")
+    g.add_argument("--eval-limit", type=int, help="use only the first N evaluation rows")
+
+
+def data_section_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `data:` section the data flags describe (only the flags that were given)."""
+    raw: dict[str, Any] = {}
+    for flag, dotted in _TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if dotted.startswith("data.") and value is not None:
+            raw[dotted.split(".", 1)[1]] = value
+    for flag, key in (("column", "columns"), ("eval_column", "eval_columns"),
+                      ("placeholder", "placeholders")):
+        pairs = _key_values(getattr(args, flag, None), f"--{flag.replace('_', '-')}")
+        if pairs:
+            raw[key] = {k: str(v) for k, v in pairs.items()}
+    if getattr(args, "label_names", None):
+        raw["label_names"] = [n.strip() for n in args.label_names.split(",")]
+    if getattr(args, "no_header", False):
+        raw["header"] = False
+    return raw
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a model with a method and write a run directory",
@@ -335,27 +378,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="precision of the frozen base (default fp32); auto = bf16 only where "
                    "the CPU has native bf16 and a measured matmul is faster; trainable weights "
                    "and optimizer state stay fp32")
-    g = p.add_argument_group("data")
-    g.add_argument("--train", help="training file (.json/.jsonl/.csv/.tsv/.txt) or hf:NAME")
-    g.add_argument("--eval", help="evaluation file; without it a split of --train is used")
-    g.add_argument("--builtin", help="built-in generated task (e.g. dates)")
-    g.add_argument("--builtin-train-size", type=int)
-    g.add_argument("--builtin-eval-size", type=int)
-    g.add_argument("--column", action="append", metavar="OURS=THEIRS",
-                   help="map a column, e.g. --column text=sentence --column label=label")
-    g.add_argument("--eval-column", action="append", metavar="OURS=THEIRS",
-                   help="map a column of the --eval file when it differs, e.g. text=content")
-    g.add_argument("--no-header", action="store_true",
-                   help="the .csv/.tsv files have no header row; name columns by position: "
-                   "--column label=0 --column text=1")
-    g.add_argument("--label-names", help="comma-separated class names, in label-id order")
-    g.add_argument("--placeholder", action="append", metavar="KEY=VALUE",
-                   help="fill {{KEY}} in the data, e.g. --placeholder name=Ada")
-    g.add_argument("--template", choices=["alpaca", "chat", "none"])
-    g.add_argument("--max-length", type=int, help="tokens per example (longer are truncated)")
-    g.add_argument("--eval-fraction", type=float, help="held-out share when no --eval file")
-    g.add_argument("--train-limit", type=int, help="use only the first N training rows")
-    g.add_argument("--eval-limit", type=int, help="use only the first N evaluation rows")
+    add_data_arguments(p.add_argument_group("data"))
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--weight-decay", type=float)
@@ -504,6 +527,7 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deltatune.cli_compress import add_distill_parser, add_prune_parser
     from deltatune.cli_export import add_export_parser
 
     parser = argparse.ArgumentParser(
@@ -516,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_quantize_parser(sub)
     add_export_parser(sub)
+    add_prune_parser(sub)
+    add_distill_parser(sub)
     _add_models_parser(sub)
     return parser
 

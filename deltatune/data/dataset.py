@@ -199,6 +199,19 @@ def build_datasets(config: DataConfig, tokenizer: Any,
     return Datasets(train, eval_examples, info)
 
 
+def load_records(config: DataConfig, encoding: DataEncoding | str = "causal-lm",
+                 seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The raw (train, eval) records `build_datasets` would encode, after the same split, limits
+    and placeholder filling: for jobs that rewrite records (sequence-level distillation)."""
+    encoding = encoding_for(encoding)
+    _validate(config, encoding)
+    train_records, eval_records, _ = _load_records(config, encoding, seed)
+    if config.placeholders:
+        train_records = fill_placeholders(train_records, config.placeholders)
+        eval_records = fill_placeholders(eval_records, config.placeholders)
+    return train_records, eval_records
+
+
 def discover_label_names(config: DataConfig, seed: int = 0) -> list[str]:
     """The class names `build_datasets` will report for a classification config, known before
     the model (and its head size) is loaded: `config.label_names`, else derived from the

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from deltatune.errors import ConfigError
 from deltatune.eval.memory import peak_memory_bytes
@@ -21,32 +22,51 @@ from deltatune.train.checkpoint import Checkpoint, latest_checkpoint
 from deltatune.train.divergence import DivergenceGuard
 from deltatune.train.distributed import Distributed, from_environment, whole_parameters
 from deltatune.train.loop import Callback, TrainResult, train
+from deltatune.train.objectives import LossTerm
 from deltatune.train.speed import speed_options_applied
 from deltatune.train.threads import AdaptiveThreads
 
 
+@dataclass
+class TrainingAdditions:
+    """What a composing job (prune-and-heal, distill) adds to an ordinary training run: loss
+    terms and callbacks, each built from the prepared job (its model, tokenizer and data), so a
+    teacher or a set of masks can refer to the model the run actually trains."""
+    terms: Callable[[Job], Sequence[LossTerm]] | None = None
+    callbacks: Callable[[Job], Sequence[Callback]] | None = None
+
+    def terms_for(self, job: Job) -> list[LossTerm]:
+        return list(self.terms(job)) if self.terms else []
+
+    def callbacks_for(self, job: Job) -> list[Callback]:
+        return list(self.callbacks(job)) if self.callbacks else []
+
+
 def run_training(spec: RunSpec, resume: bool = False, overwrite: bool = False,
-                 trust_remote_code: bool = False) -> RunSummary:
+                 trust_remote_code: bool = False,
+                 additions: TrainingAdditions | None = None) -> RunSummary:
     """Runs one job and returns its summary (also written to summary.json). The run directory
     must be new or empty (`overwrite` replaces an earlier run there); a run that fails before
-    its first checkpoint removes its directory again."""
+    its first checkpoint removes its directory again. `additions` are extra loss terms and
+    callbacks (distillation, pruning masks)."""
     distributed = from_environment(spec.train.distributed)
     try:
-        return _run(spec, resume, overwrite, trust_remote_code, distributed)
+        return _run(spec, resume, overwrite, trust_remote_code, distributed,
+                    additions or TrainingAdditions())
     finally:
         if distributed is not None:
             distributed.shutdown()
 
 
 def _run(spec: RunSpec, resume: bool, overwrite: bool, trust_remote_code: bool,
-         distributed: Distributed | None) -> RunSummary:
+         distributed: Distributed | None, additions: TrainingAdditions) -> RunSummary:
     checkpoint = _checkpoint_to_resume(spec) if resume else None
     job = prepare(spec, distributed, new_run=checkpoint is None, overwrite=overwrite,
                   trust_remote_code=trust_remote_code)
     if checkpoint is None:
         job.run.start(spec.model_dump(), overwrite)
     try:
-        return _train_and_report(job, checkpoint)
+        return _train_and_report(job, checkpoint, additions)
     except BaseException:
         if job.run.discard():
             say(f"removed {job.run.path}: the run failed before its first checkpoint",
@@ -54,7 +74,8 @@ def _run(spec: RunSpec, resume: bool, overwrite: bool, trust_remote_code: bool,
         raise
 
 
-def _train_and_report(job: Job, checkpoint: Checkpoint | None) -> RunSummary:
+def _train_and_report(job: Job, checkpoint: Checkpoint | None,
+                      additions: TrainingAdditions) -> RunSummary:
     spec, distributed = job.spec, job.distributed
     evaluate = job.task.evaluator(job.loaded, job.eval_examples, job.data_info, spec.eval,
                                   spec.progress and _is_main(job))
@@ -62,9 +83,11 @@ def _train_and_report(job: Job, checkpoint: Checkpoint | None) -> RunSummary:
     if checkpoint is not None:
         say(f"resuming {job.run.path} from step {checkpoint.step}", distributed)
     callbacks = _callbacks(job, evaluate)
+    callbacks[-1:-1] = additions.callbacks_for(job)  # before the progress bar, which is last
+    objective = job.task.objective(additions.terms_for(job))
     with speed_options_applied(job.loaded.model, job.speed_options()):
         model = distributed.wrap(job.loaded.model) if distributed else job.loaded.model
-        result = train(job.handle, job.batch_source(), job.task.objective(), spec.train,
+        result = train(job.handle, job.batch_source(), objective, spec.train,
                        callbacks, model=model, distributed=distributed, resume=checkpoint)
     say("evaluating after training", distributed)
     final = evaluate()

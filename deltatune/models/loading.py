@@ -186,6 +186,10 @@ def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any
     if head_kwargs:
         extra["ignore_mismatched_sizes"] = True  # a new head replaces a trained one of other size
     try:
+        special = _folder_format_loader(location, gguf_file)
+        if special is not None:
+            model = special(Path(location), model_class, head_kwargs, how.trust_remote_code)
+            return model, tokenizer, _quantize_loaded(model, how.quantize)
         if _streams_quantized(location, gguf_file, how):
             return _streamed(Path(location), model_class, head_kwargs, how, tokenizer)
         model = model_class.from_pretrained(location, dtype=how.dtype,
@@ -200,6 +204,19 @@ def _from_pretrained(location: Path | str, task: str, head_kwargs: dict[str, Any
                           f"({_first_line(error)}); choose the other task or another "
                           "model") from None
     return model, tokenizer, _quantize_loaded(model, how.quantize)
+
+
+def _folder_format_loader(location: Path | str, gguf_file: str | None) -> Any:
+    """The loader of a folder in one of deltatune's own layouts that transformers cannot read
+    alone: a structurally pruned model (per-layer head counts and FFN widths) or a sparse one
+    (bitmask + non-zero values). None for an ordinary folder."""
+    if gguf_file is not None or not Path(location).is_dir():
+        return None
+    from deltatune.models import pruned, sparse_io
+    for layout in (pruned, sparse_io):
+        if layout.describes(Path(location)):
+            return layout.load_pretrained
+    return None
 
 
 def _streams_quantized(location: Path | str, gguf_file: str | None, how: _Loading) -> bool:

@@ -5,6 +5,8 @@ nothing for frozen embeddings, and is refused for heads it cannot fuse exactly; 
 named loss terms."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,3 +296,68 @@ def test_compile_marks_every_decoder_layer():
     model = tiny_llama()
     assert compile_decoder_layers(model) == 2
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+
+
+class _LogitsTerm:
+    """A term that asks for the logits and records what it received."""
+    needs_logits = True
+
+    def __init__(self):
+        self.name, self.weight, self.seen = "seen", 0.0, []
+
+    def __call__(self, model, batch, output):
+        self.seen.append(output.logits)
+        return output.logits.float().pow(2).mean()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_term_that_needs_logits_gets_them_and_the_same_ce(fused):
+    """With the fused loss installed or not, a logits-reading term makes the objective build full
+    logits once; its CE equals the fused path's (what runs without such a term) and the plain
+    reference, in value and gradients."""
+    model = tiny_llama(tie=False)
+    batch = _padded_batch()
+    term = _LogitsTerm()
+    with fused_loss_installed(model) as installed:
+        assert installed
+        fused_path = _loss_and_grads(model, lambda: CausalLMObjective()(model, batch).loss)
+    reference = _loss_and_grads(model, lambda: _reference_loss(model, batch))
+    with fused_loss_installed(model) if fused else contextlib.nullcontext():
+        output = CausalLMObjective([term])(model, batch)
+        with_logits = _loss_and_grads(model, lambda: CausalLMObjective([term])(model, batch).loss)
+    _assert_same(with_logits, fused_path, 1e-6)  # the term's weight is 0: the CE alone
+    _assert_same(with_logits, reference, 1e-6)
+    assert output.logits is term.seen[0] and output.logits.shape == (3, 14, VOCAB)
+    assert output.logits.requires_grad
+    assert output.label_tokens == 16 and output.input_tokens == 28
+    assert output.terms["ce"].item() == pytest.approx(fused_path[0], abs=1e-6)
+    assert output.terms["seen"].item() > 0
+
+
+def test_no_logits_without_a_term_that_needs_them():
+    model = tiny_llama()
+    batch = _padded_batch()
+    plain = FunctionTerm("zero", lambda m, b, o: torch.tensor(0.0))
+    assert CausalLMObjective([plain])(model, batch).logits is None
+    with fused_loss_installed(model):
+        assert CausalLMObjective()(model, batch).logits is None
+    assert not CausalLMObjective([plain]).needs_logits and CausalLMObjective(
+        [plain, _LogitsTerm()]).needs_logits
+
+
+def test_logits_path_with_nothing_labelled_is_a_zero_that_backpropagates():
+    model = tiny_llama()
+    batch = _padded_batch()
+    batch["labels"][:] = -100
+    output = CausalLMObjective([_LogitsTerm()])(model, batch)
+    assert output.terms["ce"].item() == 0.0 and output.label_tokens == 0
+    output.loss.backward()
+
+
+def test_classification_objective_hands_on_its_logits():
+    model = tiny_bert(num_labels=3)
+    input_ids = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": torch.tensor([0, 2, 1, 2])}
+    output = ClassificationObjective()(model, batch)
+    torch.testing.assert_close(output.logits, model(input_ids=input_ids).logits)
