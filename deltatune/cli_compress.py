@@ -28,6 +28,8 @@ What can be pruned (--kind):
   magnitude  individual weights of the blocks' linear layers, smallest |w| per layer
              (--scope local) or over the whole model (--scope global); --pattern 2:4
   wanda      |w| x the L2 norm of its input feature (Sun et al. 2023), per output row
+  magnitude and wanda prune in one shot, or with --schedule gradual while healing (Zhu &
+  Gupta's cubic schedule over the first 3/4 of --heal-steps; needs --heal full|distill)
 
 --amount is a fraction of that unit (0.5 = half of the heads); a list (0.2,0.4,0.6) makes a
 sweep, each amount pruned from the original. Structured results are smaller ordinary model
@@ -126,6 +128,9 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
                    "(default) or global")
     g.add_argument("--pattern", metavar="N:M", help="magnitude/wanda: semi-structured N:M "
                    "(2:4 keeps the 2 largest of every 4 consecutive inputs)")
+    g.add_argument("--schedule", choices=["one-shot", "gradual"],
+                   help="magnitude/wanda: one-shot (default), or gradual: pruned while healing "
+                   "on Zhu & Gupta's cubic schedule (needs --heal full|distill)")
     g.add_argument("--gqa", choices=["query-heads", "kv-groups"],
                    help="heads on grouped-query attention (default query-heads)")
     g.add_argument("--iterations", type=int,
@@ -170,6 +175,9 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gen-tokens", type=int, default=64,
                    help="seq KD: most new tokens per teacher output")
     g.add_argument("--interpolation-metric", choices=["bleu", "token_f1"], default="bleu")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="keep teacher_cache/ and teacher_generations/ here instead of in --out, "
+                   "so several runs with the same teacher share them")
     g = p.add_argument_group("student training")
     g.add_argument("--method", default="full", help="adaptation method (default full)")
     g.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
@@ -209,7 +217,8 @@ def _eval_config(args: argparse.Namespace):
 def cmd_prune(args: argparse.Namespace) -> int:
     from deltatune.jobs.prune import HealSettings, PruneRequest, prune_saved
     options = {key: value for key, value in (
-        ("scope", args.scope), ("pattern", args.pattern), ("gqa", args.gqa),
+        ("scope", args.scope), ("pattern", args.pattern), ("schedule", args.schedule),
+        ("gqa", args.gqa),
         ("iterations", args.iterations), ("by", args.importance)) if value is not None}
     heal = HealSettings(mode=args.heal, steps=args.heal_steps, learning_rate=args.heal_lr,
                         batch_size=args.heal_batch_size, lora_rank=args.heal_rank,
@@ -241,7 +250,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         eval=_eval_config(args), temperature=args.temperature, kd_weight=args.kd_weight,
         top_k=args.top_k, beams=args.beams, max_new_tokens=args.gen_tokens,
         interpolation_metric=args.interpolation_metric,
-        calibration_examples=args.calibration_examples, seed=args.seed,
+        calibration_examples=args.calibration_examples, cache_dir=args.cache_dir,
+        seed=args.seed,
         overwrite=args.overwrite, progress=not args.no_progress,
         trust_remote_code=args.trust_remote_code)
     _print(distill_saved(request))

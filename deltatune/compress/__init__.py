@@ -2,8 +2,8 @@
 layers — physically removed; see deltatune.models.structure for the surgery and
 deltatune.models.pruned for the saved folder), unstructured and N:M pruning with the gradual
 schedule and fixed masks as loop callbacks (saved by deltatune.models.sparse_io), and knowledge
-distillation as a loss term (word level) and a data rewrite (sequence level). Names are imported lazily so that
-importing the package costs nothing until a function is used."""
+distillation as a loss term (word level) and a data rewrite (sequence level). Names are
+imported lazily so that importing the package costs nothing until a function is used."""
 from __future__ import annotations
 
 import importlib

@@ -47,14 +47,15 @@ def padded_batches(examples: list[dict], batch_size: int, pad_token_id: int
 
 @torch.inference_mode()
 def measure_model(model: nn.Module, examples: list[dict], batch_size: int,
-                  pad_token_id: int, repeats: int = 5) -> dict[str, Any]:
+                  pad_token_id: int, repeats: int = 15) -> dict[str, Any]:
     """Parameters (all and non-zero) and the median forward latency on the first `batch_size`
-    examples, after one warm-up forward."""
+    examples, after one warm-up forward (3 to `repeats` timings, about 10 s at most)."""
     batch = model_inputs(pad_batch(examples[:batch_size], pad_token_id))
     model.eval()
     model(**batch)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    # Up to `repeats` timings, but at least 3 and no more than ~10 s of them (large models).
+    while len(times) < repeats and (len(times) < 3 or sum(times) < 10.0):
         start = time.perf_counter()
         model(**batch)
         times.append(time.perf_counter() - start)
@@ -71,3 +72,38 @@ def folder_bytes(folder: Path) -> int:
 
 def log_stage(out: Path, record: dict[str, Any]) -> None:
     append_jsonl(out / "metrics.jsonl", rounded(record))
+
+
+@torch.inference_mode()
+def reload_check(folder: Path, model: nn.Module, examples: list[dict], pad_token_id: int,
+                 model_kind: str, generate: bool) -> dict[str, Any]:
+    """Loads the saved folder back the way every other command will (`load_model`), compares
+    its logits with the in-memory model's on a few examples and, for a language model, greedily
+    continues the first one: the compressed model is an ordinary, working model."""
+    from deltatune.models import load_model
+    loaded = load_model(str(folder), task=model_kind)
+    batch = model_inputs(pad_batch(examples[:4], pad_token_id))
+    expected = model(**batch).logits
+    actual = loaded.model(**batch).logits
+    check: dict[str, Any] = {"reload_max_abs_logit_diff": float((expected - actual).abs().max())}
+    if generate:
+        prompt = list(examples[0].get("prompt_ids") or examples[0]["input_ids"][:16])
+        ids = torch.tensor([prompt])
+        output = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=16, do_sample=False,
+                                       pad_token_id=loaded.tokenizer.pad_token_id)
+        check["sample_generation"] = loaded.tokenizer.decode(output[0, ids.shape[1]:],
+                                                             skip_special_tokens=True)
+    return check
+
+
+class FolderArtifacts:
+    """The one RunDirectory method `Task.save_artifacts` uses, for a plain model folder: so a
+    compressed classifier keeps its labels.json beside its weights."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def write_json(self, name: str, data: Any) -> None:
+        write_json(self.folder / name, data)
+

@@ -34,8 +34,9 @@ from deltatune.data.dataset import load_records
 from deltatune.errors import ConfigError
 from deltatune.eval.config import EvalConfig
 from deltatune.fileio import write_json
-from deltatune.jobs.compression_run import (folder_bytes, log_stage, measure_model,
-                                             padded_batches, start_output_folder)
+from deltatune.jobs.compression_run import (FolderArtifacts, folder_bytes, log_stage,
+                                             measure_model, padded_batches,
+                                             start_output_folder)
 from deltatune.jobs.pruners import PROVENANCE_FILE
 from deltatune.jobs.sources import DenseSource, load_dense_source, say, source_data
 from deltatune.jobs.summary import rounded
@@ -69,6 +70,8 @@ class DistillRequest:
     generation_batch_size: int = 8
     interpolation_metric: str = "bleu"
     calibration_examples: int = 128
+    # Where the teacher caches live (None: inside `out`); runs that share it share the work.
+    cache_dir: str | None = None
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
@@ -187,15 +190,7 @@ def _student_init(request: DistillRequest, teacher: DenseSource, datasets, out: 
 
 def _save_task_artifacts(source: DenseSource, datasets, folder: Path) -> None:
     if source.is_run:
-        source.task.save_artifacts(_FolderWriter(folder), dict(datasets.info))
-
-
-class _FolderWriter:
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def write_json(self, name: str, data: Any) -> None:
-        write_json(self.folder / name, data)
+        source.task.save_artifacts(FolderArtifacts(folder), dict(datasets.info))
 
 
 def _sequence_kd_data(request: DistillRequest, teacher: DenseSource, data: DataConfig,
@@ -215,7 +210,8 @@ def _sequence_kd_data(request: DistillRequest, teacher: DenseSource, data: DataC
                                       num_beams=request.beams,
                                       max_new_tokens=request.max_new_tokens,
                                       batch_size=request.generation_batch_size,
-                                      cache_folder=out / "teacher_generations",
+                                      cache_folder=_cache_root(request, out)
+                                      / "teacher_generations",
                                       progress=request.progress)
     mode = SEQUENCE_MODES[request.kind]
     records = sequence_kd_records(train_records, generations, mode=mode,
@@ -231,6 +227,10 @@ def _sequence_kd_data(request: DistillRequest, teacher: DenseSource, data: DataC
                           "beams": request.beams, "max_new_tokens": request.max_new_tokens,
                           "mode": request.kind, "metric": request.interpolation_metric
                           if request.kind == "seq-inter" else None}
+
+
+def _cache_root(request: DistillRequest, out: Path) -> Path:
+    return Path(request.cache_dir) if request.cache_dir else out
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -249,7 +249,8 @@ def _additions(request: DistillRequest, teacher: DenseSource, datasets, out: Pat
         say(f"caching the teacher's top-{request.top_k} probabilities")
         batches = padded_batches(datasets.train, request.train.batch_size,
                                  teacher.loaded.tokenizer.pad_token_id)
-        cache = TeacherCache.build(teacher.loaded.model, batches, out / "teacher_cache",
+        cache = TeacherCache.build(teacher.loaded.model, batches,
+                                   _cache_root(request, out) / "teacher_cache",
                                    temperature=request.temperature, top_k=request.top_k,
                                    progress=request.progress)
     teacher_model = None if cache is not None else teacher.loaded.model

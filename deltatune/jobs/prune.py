@@ -26,8 +26,9 @@ from deltatune.data import DataConfig, build_datasets
 from deltatune.errors import ConfigError
 from deltatune.fileio import write_json
 from deltatune.eval.config import EvalConfig
-from deltatune.jobs.compression_run import (folder_bytes, log_stage, measure_model,
-                                             padded_batches, start_output_folder)
+from deltatune.jobs.compression_run import (FolderArtifacts, folder_bytes, log_stage,
+                                             measure_model, padded_batches, reload_check,
+                                             start_output_folder)
 from deltatune.jobs.pruners import PRUNERS, Pruner, get_pruner
 from deltatune.jobs.sources import DenseSource, load_dense_source, say, source_data
 from deltatune.jobs.summary import rounded
@@ -125,6 +126,9 @@ def _check_request(request: PruneRequest, pruner: Pruner) -> None:
         raise ConfigError(f"--heal lora cannot keep {pruner.name} sparsity: the merged LoRA "
                           "delta is dense and would fill the pruned weights again; heal with "
                           "--heal full or --heal distill (the masks are held fixed)")
+    if pruner.prunes_while_healing and request.heal.mode not in ("full", "distill"):
+        raise ConfigError("a gradual schedule prunes while healing: add --heal full or "
+                          "--heal distill (and --heal-steps)")
     if request.heal.steps < 1:
         raise ConfigError("--heal-steps must be at least 1")
 
@@ -152,15 +156,21 @@ def _prune_one(context: _Context, amount: float) -> dict[str, Any]:
     log_stage(context.out, {"amount": amount, "stage": "pruned", **_flat(pruned)})
     result = {"amount": amount, "details": details, "pruned": pruned, "healed": None}
     if context.request.heal.mode != "none":
-        healed_model, heal_summary = _heal(context, model, folder, original)
+        healed_model, heal_summary, schedule = _heal(context, folder, original, amount)
         healed = {"metrics": context.evaluate(healed_model), **_measure(context, healed_model),
                   "heal_train_loss": heal_summary.final_train_loss,
-                  "heal_seconds": heal_summary.train_wall_seconds}
+                  "heal_seconds": heal_summary.train_wall_seconds,
+                  **({"sparsity_schedule": schedule} if schedule else {})}
         healed["bytes_on_disk"] = _save(context, healed_model, folder / "healed", details)
         log_stage(context.out, {"amount": amount, "stage": "healed", **_flat(healed)})
         result["healed"] = healed
-        del healed_model
-    del model
+        final_model, final_folder = healed_model, folder / "healed"
+    else:
+        final_model, final_folder = model, folder / "pruned"
+    result["reload"] = reload_check(final_folder, final_model, context.eval_examples,
+                                    context.source.loaded.tokenizer.pad_token_id,
+                                    context.source.task.model_kind,
+                                    context.source.task.models_language)
     return result
 
 
@@ -168,22 +178,12 @@ def _save(context: _Context, model: nn.Module, folder: Path, details: dict[str, 
     context.pruner.save(model, context.source.loaded.tokenizer, folder,
                         {"source": context.request.source, "pruning": details})
     if context.source.is_run:
-        context.source.task.save_artifacts(_FolderWriter(folder), context.info)
+        context.source.task.save_artifacts(FolderArtifacts(folder), context.info)
     return folder_bytes(folder)
 
 
-class _FolderWriter:
-    """The one RunDirectory method `Task.save_artifacts` uses, for a plain folder."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def write_json(self, name: str, data: Any) -> None:
-        write_json(self.folder / name, data)
-
-
-def _heal(context: _Context, model: nn.Module, folder: Path, teacher: nn.Module
-          ) -> tuple[nn.Module, Any]:
+def _heal(context: _Context, folder: Path, teacher: nn.Module, amount: float
+           ) -> tuple[nn.Module, Any, list[dict]]:
     """Fine-tunes the pruned folder as an ordinary run; returns the healed dense model."""
     from deltatune.jobs.run import TrainingAdditions, run_training
     from deltatune.spec import RunSpec
@@ -199,14 +199,16 @@ def _heal(context: _Context, model: nn.Module, folder: Path, teacher: nn.Module
                    eval=dataclasses.replace(context.request.eval, baseline=False),
                    seed=context.request.seed, output_dir=str(folder / "heal"),
                    progress=context.request.progress)
+    created: list = []
     additions = TrainingAdditions(terms=_heal_terms(context, teacher),
-                                  callbacks=_heal_callbacks(context))
+                                  callbacks=_heal_callbacks(context, amount, created))
     say(f"healing with {heal.mode} for {heal.steps} steps")
     summary = run_training(spec, trust_remote_code=context.request.trust_remote_code,
                            additions=additions)
     healed = load_dense_source(str(folder / "heal")).loaded.model
     context.pruner.after_heal(healed)
-    return healed, summary
+    schedule = [entry for callback in created for entry in getattr(callback, "history", [])]
+    return healed, summary, schedule
 
 
 def _heal_terms(context: _Context, teacher: nn.Module):
@@ -217,8 +219,14 @@ def _heal_terms(context: _Context, teacher: nn.Module):
     return lambda job: [WordLevelKD(teacher, temperature=heal.temperature, weight=heal.kd_weight)]
 
 
-def _heal_callbacks(context: _Context):
-    return lambda job: context.pruner.heal_callbacks(job.loaded.model)
+def _heal_callbacks(context: _Context, amount: float, created: list):
+    """The pruner's callbacks for the heal run; `created` keeps them for the summary."""
+    def callbacks(job):
+        created.extend(context.pruner.heal_callbacks(job.loaded.model, amount,
+                                                     context.request.heal.steps,
+                                                     context.calibration))
+        return created
+    return callbacks
 
 
 def _measure(context: _Context, model: nn.Module) -> dict[str, Any]:

@@ -48,8 +48,15 @@ class Pruner:
         from deltatune.models.pruned import save_pruned
         save_pruned(model, tokenizer, folder, extra_json={PROVENANCE_FILE: extra})
 
-    def heal_callbacks(self, model: nn.Module) -> list:
-        """Loop callbacks that keep the pruning in place while `model` is fine-tuned."""
+    # The pruning happens during healing (a schedule callback), not before it.
+    @property
+    def prunes_while_healing(self) -> bool:
+        return False
+
+    def heal_callbacks(self, model: nn.Module, amount: float, steps: int,
+                       calibration: Batches) -> list:
+        """Loop callbacks that keep (or, for a schedule, do) the pruning while `model` is
+        fine-tuned for `steps` steps."""
         return []
 
     def after_heal(self, model: nn.Module) -> None:
@@ -114,17 +121,29 @@ class LayerPruner(Pruner):
 
 class UnstructuredPruner(Pruner):
     """Individual weights of the blocks' linear layers set to zero; saved in the sparse folder
-    layout (bitmask + non-zero values), so bytes on disk shrink; healing keeps the zeros."""
+    layout (bitmask + non-zero values), so bytes on disk shrink; healing keeps the zeros.
+    `schedule="gradual"` prunes during healing instead: Zhu & Gupta's cubic schedule from 0 to
+    the amount over the first 3/4 of the heal steps, masks updated every tenth of them."""
     unit = "weights"
     saves_sparse = True
-    defaults = {"scope": "local", "pattern": None}
-    choices = {"scope": ("local", "global")}
+    defaults = {"scope": "local", "pattern": None, "schedule": "one-shot"}
+    choices = {"scope": ("local", "global"), "schedule": ("one-shot", "gradual")}
+
+    @property
+    def prunes_while_healing(self) -> bool:
+        return self.options["schedule"] == "gradual"
 
     def masks(self, model: nn.Module, calibration: Batches, amount: float) -> dict:
         raise NotImplementedError
 
     def prune(self, model, calibration, loss_fn, amount):
         from deltatune.compress.unstructured import apply_masks, sparsity_report
+        if self.prunes_while_healing:
+            if self.options["pattern"]:
+                raise ConfigError("--schedule gradual prunes to a sparsity, not an N:M "
+                                  "pattern; drop --pattern or use the one-shot schedule")
+            return {"target_sparsity": amount, "schedule": "gradual",
+                    "note": "pruned while healing"}
         masks = self.masks(model, calibration, amount)
         apply_masks(model, masks)
         report = sparsity_report(model, masks)
@@ -134,10 +153,15 @@ class UnstructuredPruner(Pruner):
         from deltatune.models.sparse_io import save_sparse
         save_sparse(model, tokenizer, folder, extra_json={PROVENANCE_FILE: extra})
 
-    def heal_callbacks(self, model):
-        from deltatune.compress.gradual import MaskKeeper
+    def heal_callbacks(self, model, amount, steps, calibration):
+        from deltatune.compress.gradual import GradualPruning, MaskKeeper
         from deltatune.compress.unstructured import masks_from_weights
-        return [MaskKeeper(model, masks_from_weights(model))]
+        if not self.prunes_while_healing:
+            return [MaskKeeper(model, masks_from_weights(model))]
+        return [GradualPruning(model, amount, start_step=0, end_step=max(1, steps * 3 // 4),
+                               every=max(1, steps // 10), method=self.name,
+                               scope=self.options.get("scope", "local"),
+                               batches_for_wanda=calibration if self.name == "wanda" else None)]
 
 
 class MagnitudePruner(UnstructuredPruner):
@@ -153,8 +177,8 @@ class WandaPruner(UnstructuredPruner):
     """Wanda (Sun et al. 2023): |weight| × the L2 norm of its input feature on the calibration
     sample, compared within each output row (so `scope` is always per row)."""
     name = "wanda"
-    defaults = {"pattern": None}
-    choices = {}
+    defaults = {"pattern": None, "schedule": "one-shot"}
+    choices = {"schedule": ("one-shot", "gradual")}
 
     def masks(self, model, calibration, amount):
         from deltatune.compress.unstructured import wanda_masks

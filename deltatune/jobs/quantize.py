@@ -22,15 +22,16 @@ from deltatune.data import build_datasets
 from deltatune.errors import ConfigError
 from deltatune.eval.evaluate import evaluate_perplexity
 from deltatune.fileio import write_json
-from deltatune.jobs.inference import finite_or_null, load_for_inference
+from deltatune.jobs.inference import finite_or_null
+from deltatune.jobs.sources import load_dense_source
 from deltatune.jobs.summary import rounded
 from deltatune.jobs.tasks import get_task
 from deltatune.models import LoadedModel, save_quantized
-from deltatune.quant import dequantize_model, get_format, model_bytes, quantize_model
+from deltatune.quant import get_format, model_bytes, quantize_model
 from deltatune.quant.kernels import kernel_choices
 from deltatune.quant.model import quantizable_linears
 from deltatune.quant.precision import cpu_name
-from deltatune.spec import CONFIG_FILE, RunSpec
+from deltatune.spec import RunSpec
 
 REPORT_FILE = "quantize_report.json"
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "text" \
@@ -103,34 +104,9 @@ def _checked_output(request: QuantizeRequest) -> Path:
 
 def _load_dense(request: QuantizeRequest) -> tuple[LoadedModel, RunSpec | None]:
     """The model to quantize, dense: a run's base with its adapter merged in, or the model."""
-    is_run = (Path(request.source) / CONFIG_FILE).is_file()
-    say(f"loading {'run' if is_run else 'model'} {request.source}")
-    if not is_run:
-        loaded, _, _ = load_for_inference(request.source, None, None,
-                                          trust_remote_code=request.trust_remote_code)
-        return loaded, None
-    loaded, handle, spec = load_for_inference(None, None, request.source,
-                                              trust_remote_code=request.trust_remote_code)
-    dequantize_model(loaded.model)  # a QLoRA run: its base is merged dense, then re-quantized
-    if handle is not None:
-        if not handle.can_merge:
-            raise ConfigError(f"the run's method '{spec.method}' keeps no weight delta that can "
-                              "be merged into the model, so there is no single model to "
-                              "quantize; quantize its base model instead")
-        handle.merge()
-    _to_fp32(loaded.model)
-    return loaded, spec
-
-
-def _to_fp32(model: torch.nn.Module) -> None:
-    for parameter in model.parameters():
-        if parameter.is_floating_point() and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
-    hooks = getattr(model, "_deltatune_autocast", None)
-    if hooks is not None:
-        for handle in hooks[1]:
-            handle.remove()
-        del model._deltatune_autocast
+    source = load_dense_source(request.source, trust_remote_code=request.trust_remote_code,
+                               unwrap=False)
+    return source.loaded, source.spec
 
 
 def _fp32_bytes(model: torch.nn.Module) -> int:

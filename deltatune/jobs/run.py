@@ -83,7 +83,9 @@ def _train_and_report(job: Job, checkpoint: Checkpoint | None,
     if checkpoint is not None:
         say(f"resuming {job.run.path} from step {checkpoint.step}", distributed)
     callbacks = _callbacks(job, evaluate)
-    callbacks[-1:-1] = additions.callbacks_for(job)  # before the progress bar, which is last
+    # Right after the metrics log: weights a callback changes (pruning masks) are changed
+    # before evaluation and checkpoints see them.
+    callbacks[1:1] = additions.callbacks_for(job)
     objective = job.task.objective(additions.terms_for(job))
     with speed_options_applied(job.loaded.model, job.speed_options()):
         model = distributed.wrap(job.loaded.model) if distributed else job.loaded.model

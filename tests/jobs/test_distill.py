@@ -74,3 +74,15 @@ def test_mistakes(base_folder: Path, tmp_path: Path):
         distill_saved(_request(base_folder, tmp_path / "b", "none", student_layers=5))
     with pytest.raises(ConfigError, match="--top-k caches the teacher for word-level KD only"):
         distill_saved(_request(base_folder, tmp_path / "c", "seq", top_k=4))
+
+
+def test_runs_sharing_a_cache_dir_generate_once(base_folder: Path, tmp_path: Path):
+    caches = tmp_path / "caches"
+    distill_saved(_request(base_folder, tmp_path / "seq", "seq", cache_dir=str(caches)))
+    generations = caches / "teacher_generations"
+    stamps = {p.name: p.stat().st_mtime_ns for p in generations.iterdir()}
+    summary = distill_saved(_request(base_folder, tmp_path / "inter", "seq-inter",
+                                     cache_dir=str(caches)))
+    assert {p.name: p.stat().st_mtime_ns for p in generations.iterdir()} == stamps
+    assert not (tmp_path / "inter" / "teacher_generations").exists()
+    assert summary["sequence_kd"]["prompts"] == 12

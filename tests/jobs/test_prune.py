@@ -54,6 +54,7 @@ def test_head_sweep_on_a_run_shrinks_and_reloads(classifier_run: Path, tmp_path:
     per_head = 4 * 8 * 32 + 3 * 8
     assert [before - a for a in after] == [2 * per_head, 4 * per_head]
     assert summary["metric"] == "accuracy"
+    assert all(r["reload"]["reload_max_abs_logit_diff"] < 1e-5 for r in summary["results"])
     folder = tmp_path / "p" / "amount-0.50" / "pruned"
     reloaded = load_model(str(folder), task="classification")
     assert sum(p.numel() for p in reloaded.model.parameters()) == after[1]
@@ -95,6 +96,9 @@ def test_layers_heal_lora_and_distill(base_folder: Path, tmp_path: Path):
         healed = summary["results"][0]["healed"]
         assert summary["results"][0]["pruned"]["parameters"] < summary["unpruned"]["parameters"]
         assert healed["parameters"] == summary["results"][0]["pruned"]["parameters"]
+        reload = summary["results"][0]["reload"]
+        assert reload["reload_max_abs_logit_diff"] < 1e-4
+        assert isinstance(reload["sample_generation"], str)
         loaded = load_model(str(out / "amount-0.50" / "healed"))
         assert loaded.model.config.num_hidden_layers == 1
         ids = torch.tensor([[5, 6, 7]])
@@ -127,3 +131,35 @@ def test_cli_prune_prints_the_summary(classifier_run: Path, tmp_path: Path, caps
                  "--out", str(tmp_path / "n"), "--no-progress"])
     assert code == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_gradual_schedule_prunes_while_healing(base_folder: Path, tmp_path: Path):
+    from deltatune.compress.unstructured import sparsity_report
+    from deltatune.data import DataConfig
+    request = _request(str(base_folder), tmp_path / "g", "wanda", [0.5], task="text",
+                       data=DataConfig(train=str(text_file(tmp_path)), max_length=32),
+                       options={"schedule": "gradual"},
+                       heal=HealSettings(mode="full", steps=8, batch_size=2))
+    summary = prune_saved(request)
+    result = summary["results"][0]
+    assert result["pruned"]["nonzero_parameters"] == summary["unpruned"]["nonzero_parameters"]
+    schedule = result["healed"]["sparsity_schedule"]
+    targets = [entry["target_sparsity"] for entry in schedule]
+    assert targets == sorted(targets) and targets[-1] == pytest.approx(0.5)
+    healed = load_model(str(tmp_path / "g" / "amount-0.50" / "healed"))
+    assert sparsity_report(healed.model)["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ConfigError, match="a gradual schedule prunes while healing"):
+        prune_saved(_request(str(base_folder), tmp_path / "h", "magnitude", [0.5], task="text",
+                             data=request.data, options={"schedule": "gradual"}))
+
+
+def test_non_uniform_head_pruned_folder_takes_lora(classifier_run: Path, tmp_path: Path):
+    """BERT folders with removed heads need deltatune_pruned.json; training LoRA on one (the
+    heal run) and merging back keeps the per-layer shapes."""
+    summary = prune_saved(_request(str(classifier_run), tmp_path / "l", "heads", [0.25],
+                                   heal=HealSettings(mode="lora", steps=2, batch_size=8,
+                                                     lora_rank=2)))
+    result = summary["results"][0]
+    assert (tmp_path / "l" / "amount-0.25" / "healed" / "deltatune_pruned.json").is_file()
+    assert result["healed"]["parameters"] == result["pruned"]["parameters"]
+    assert result["reload"]["reload_max_abs_logit_diff"] < 1e-5
