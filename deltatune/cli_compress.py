@@ -93,7 +93,7 @@ def _amounts(text: str) -> list[float]:
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
-    from deltatune.cli import add_data_arguments
+    from deltatune.cli_common import add_data_arguments
     p.add_argument("--task", choices=["causal-lm", "classification", "text"],
                    help="the model's task when the source is a model (a run knows its own); "
                    "text: plain language modelling, perplexity")
@@ -195,7 +195,7 @@ def add_distill_parser(sub: argparse._SubParsersAction) -> None:
 
 def _data_config(args: argparse.Namespace, source: str):
     """The data flags over the source run's data section (or alone, for a model)."""
-    from deltatune.cli import data_section_from_args
+    from deltatune.cli_common import data_section_from_args
     from deltatune.jobs.sources import is_run_directory
     from deltatune.spec import parse_run_spec, read_run_spec
     flags = data_section_from_args(args)
@@ -234,7 +234,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from deltatune.cli import _key_values
+    from deltatune.cli_common import _key_values
     from deltatune.jobs.distill import DistillRequest, distill_saved
     from deltatune.spec import parse_run_spec
     train = parse_run_spec({"train": {"learning_rate": args.lr, "max_steps": args.max_steps,

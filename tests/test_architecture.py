@@ -40,16 +40,10 @@ def _files(folder: str) -> list[Path]:
 ])
 def test_no_module_reaches_back_up_the_chain(folder, forbidden):
     offenders = [str(path.relative_to(PACKAGE)) for path in _files(folder)
-                 if not _is_command_line_layer(path)
+                 if path.name not in ("cli.py", "__main__.py")
                  and any(name == forbidden or name.startswith(forbidden + ".")
                          for name in _imports(path))]
     assert offenders == []
-
-
-def _is_command_line_layer(path: Path) -> bool:
-    """cli.py and its subcommand modules (cli_export.py, cli_compress.py) may import anything."""
-    return path.parent == PACKAGE and (path.name in ("cli.py", "__main__.py")
-                                       or path.name.startswith("cli_"))
 
 
 def test_job_code_never_compares_task_names():

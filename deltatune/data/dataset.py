@@ -181,11 +181,7 @@ def build_datasets(config: DataConfig, tokenizer: Any,
                    encoding: DataEncoding | str = "causal-lm", seed: int = 0) -> Datasets:
     """Train and eval examples encoded by `encoding` (an object or a task name), plus `info`."""
     encoding = encoding_for(encoding)
-    _validate(config, encoding)
-    train_records, eval_records, sources = _load_records(config, encoding, seed)
-    if config.placeholders:
-        train_records = fill_placeholders(train_records, config.placeholders)
-        eval_records = fill_placeholders(eval_records, config.placeholders)
+    train_records, eval_records, sources = _filled_records(config, encoding, seed)
     info: dict[str, Any] = {"encoding": encoding.name, "max_length": config.max_length,
                             **sources, "train_records": len(train_records),
                             "eval_records": len(eval_records)}
@@ -203,13 +199,18 @@ def load_records(config: DataConfig, encoding: DataEncoding | str = "causal-lm",
                  seed: int = 0) -> tuple[list[dict], list[dict]]:
     """The raw (train, eval) records `build_datasets` would encode, after the same split, limits
     and placeholder filling: for jobs that rewrite records (sequence-level distillation)."""
-    encoding = encoding_for(encoding)
+    train_records, eval_records, _ = _filled_records(config, encoding_for(encoding), seed)
+    return train_records, eval_records
+
+
+def _filled_records(config: DataConfig, encoding: DataEncoding,
+                    seed: int) -> tuple[list[dict], list[dict], dict]:
     _validate(config, encoding)
-    train_records, eval_records, _ = _load_records(config, encoding, seed)
+    train_records, eval_records, sources = _load_records(config, encoding, seed)
     if config.placeholders:
         train_records = fill_placeholders(train_records, config.placeholders)
         eval_records = fill_placeholders(eval_records, config.placeholders)
-    return train_records, eval_records
+    return train_records, eval_records, sources
 
 
 def discover_label_names(config: DataConfig, seed: int = 0) -> list[str]:
