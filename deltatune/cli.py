@@ -1,4 +1,5 @@
-"""The `deltatune` command: train, eval, generate, quantize, export, prune, distill, models.
+"""The `deltatune` command: train, eval, generate, quantize, export, prune, distill, sequential,
+interpolate, models.
 
 Every subcommand has its own --help. User mistakes print one line `error: ...` with the fix and
 exit with code 2; nothing is left half-written (see deltatune.fileio). This module only turns
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from deltatune.cli_common import _TRAIN_FLAGS, _key_values, add_data_arguments
+from deltatune.cli_common import (_TRAIN_FLAGS, _key_values, add_data_arguments,
+                                  add_forgetting_arguments, forgetting_section_from_args)
 from deltatune.errors import ConfigError, DeltatuneError
 
 EXIT_USER_ERROR = 2
@@ -102,6 +104,10 @@ def build_train_spec(args: argparse.Namespace):
         _set_dotted(raw, "train.packing", False)
     if args.no_baseline:
         _set_dotted(raw, "eval.baseline", False)
+    if args.lower_is_better:
+        _set_dotted(raw, "train.greater_is_better", False)
+    for dotted, value in forgetting_section_from_args(args).items():
+        _set_dotted(raw, dotted, value)
     if args.no_progress:
         raw["progress"] = False
     return parse_run_spec(raw)
@@ -337,7 +343,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps")
     g.add_argument("--early-stopping-patience", type=int,
                    help="stop after N evaluations without improvement (needs --eval-every)")
-    g.add_argument("--metric-for-best", help="eval metric early stopping watches")
+    g.add_argument("--metric-for-best", help="eval metric early stopping watches (any "
+                   "logged eval metric: accuracy, loss, retain_c4_perplexity, combined, ...)")
+    g.add_argument("--lower-is-better", action="store_true",
+                   help="--metric-for-best improves downwards (loss, perplexity, combined)")
     g.add_argument("--metric", choices=["auto", "exact_match", "perplexity", "accuracy"])
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--max-new-tokens", type=int, help="generation length for exact match")
@@ -354,6 +363,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "--resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_trust_flag(g)
+    add_forgetting_arguments(p)
     p.set_defaults(handler=cmd_train)
 
 
@@ -444,6 +454,8 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from deltatune.cli_compress import add_distill_parser, add_prune_parser
     from deltatune.cli_export import add_export_parser
+    from deltatune.cli_forgetting import add_interpolate_parser
+    from deltatune.cli_sequential import add_sequential_parser
 
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -457,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_prune_parser(sub)
     add_distill_parser(sub)
+    add_sequential_parser(sub)
+    add_interpolate_parser(sub)
     _add_models_parser(sub)
     return parser
 

@@ -34,7 +34,77 @@ _TRAIN_FLAGS: dict[str, str] = {
     "save_every": "train.save_every", "distributed": "train.distributed",
     "stop_on_divergence": "train.stop_on_divergence",
     "quantize": "quantize", "base_dtype": "base_dtype",
+    "probe": "eval.probe", "init_from": "init_from",
+    "kl_weight": "forgetting.kl_weight", "kl_temperature": "forgetting.kl_temperature",
+    "replay_fraction": "forgetting.replay_fraction", "ewc_weight": "forgetting.ewc_weight",
+    "ewc_batches": "forgetting.ewc_batches", "l2sp_weight": "forgetting.l2sp_weight",
+    "retention_weight": "forgetting.retention_weight",
 }
+
+
+def parse_retain_flag(value: str) -> dict[str, str]:
+    """`--retain-eval NAME=PATH` or `--retain-eval PATH` as a RetainSet mapping. Text before
+    '=' is a name only when it looks like one (no '/' or '.'), so a path holding '=' reads."""
+    name, sep, path = value.partition("=")
+    if sep and name and "/" not in name and "." not in name:
+        if not path:
+            raise ConfigError(f"--retain-eval {value}: give a file after '=', e.g. "
+                              "c4=../shared/data/text/c4_demo.jsonl")
+        return {"path": path, "name": name}
+    if not value:
+        raise ConfigError("--retain-eval needs a file: --retain-eval [NAME=]PATH")
+    return {"path": value}
+
+
+def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
+    """`train`'s flags for measuring and fighting forgetting (docs/forgetting.md)."""
+    g = parser.add_argument_group(
+        "forgetting", "measured before training and at every evaluation; mitigations combine")
+    g.add_argument("--retain-eval", action="append", metavar="[NAME=]PATH",
+                   help="data the model should keep, repeatable: general text for a language "
+                   "model (perplexity; e.g. ../shared/data/text/c4_demo.jsonl), an earlier "
+                   "task's labelled file for a classifier (accuracy among its own classes)")
+    g.add_argument("--probe", choices=["auto", "on", "off"],
+                   help="the default forgetting probe: KL from the base model on continuations "
+                   "it sampled itself from neutral prompts (auto: on for language models)")
+    g.add_argument("--kl-weight", type=float,
+                   help="KL to the original model's next-token distributions on the training "
+                   "batch, times this weight (adapters: the same model with the adapter off; "
+                   "full fine-tuning: a frozen copy)")
+    g.add_argument("--kl-temperature", type=float, help="softening temperature of the KL")
+    g.add_argument("--replay", metavar="PATH",
+                   help="mix examples of this file (general text or an earlier task) into "
+                   "every batch")
+    g.add_argument("--replay-fraction", type=float,
+                   help="share of every batch taken from --replay (default 0.25)")
+    g.add_argument("--ewc-weight", type=float,
+                   help="EWC: Fisher-weighted squared distance from the starting weights")
+    g.add_argument("--ewc-data", metavar="PATH",
+                   help="data to estimate the Fisher on (default: --replay, else the first "
+                   "--retain-eval)")
+    g.add_argument("--ewc-batches", type=int, help="batches of 4 for the Fisher estimate")
+    g.add_argument("--l2sp-weight", type=float,
+                   help="L2-SP: squared distance from the starting weights (adapters: of the "
+                   "effective weight delta)")
+    g.add_argument("--retention-weight", type=float,
+                   help="weight of the retention rise in the `combined` eval metric (task loss "
+                   "+ weight x rise of the retain losses and probe KL; for --metric-for-best "
+                   "combined --lower-is-better)")
+    g.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from a finished run's weights (sequential fine-tuning; a "
+                   "classifier's head keeps that run's classes and adds the new ones)")
+
+
+def forgetting_section_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The list- and file-valued forgetting flags as spec entries: {dotted path: value}."""
+    entries: dict[str, Any] = {}
+    if getattr(args, "retain_eval", None):
+        entries["eval.retain"] = [parse_retain_flag(v) for v in args.retain_eval]
+    if getattr(args, "replay", None):
+        entries["forgetting.replay"] = {"path": args.replay}
+    if getattr(args, "ewc_data", None):
+        entries["forgetting.ewc_data"] = {"path": args.ewc_data}
+    return entries
 
 
 def _key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from deltatune.data import DataConfig
+from deltatune.data.multitask import MultitaskConfig
 from deltatune.errors import ConfigError
 from deltatune.eval.config import EvalConfig
+from deltatune.forgetting.config import ForgettingConfig
 from deltatune.jobs.tasks import task_names
 from deltatune.methods import make_config
 from deltatune.train.config import TrainConfig
@@ -31,6 +34,13 @@ class RunSpec(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
+    # Start from the weights of a finished run (its adapter merged in, or its full weights)
+    # instead of the plain model: the second stage of sequential fine-tuning. A classifier's
+    # head keeps that run's classes and adds the new data's.
+    init_from: str | None = None
+    # Several data sets in one run (deltatune/data/multitask.py); replaces `data:`'s files.
+    multitask: MultitaskConfig | None = None
     # Freeze the base's linear layers in this deltatune.quant format ("nf4" for QLoRA); None: as
     # loaded (or the method's own, e.g. qlora's nf4).
     quantize: str | None = None
@@ -40,6 +50,27 @@ class RunSpec(BaseModel):
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_as_retain_sets(cls, raw: Any) -> Any:
+        """`retain: [c4.jsonl]` and `replay: c4.jsonl` are short for `{path: c4.jsonl}`."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for section, key, many in (("eval", "retain", True), ("forgetting", "replay", False),
+                                   ("forgetting", "ewc_data", False)):
+            values = raw.get(section)
+            if not isinstance(values, dict) or values.get(key) is None:
+                continue
+            entry = values[key]
+            values = dict(values)
+            if many and isinstance(entry, list):
+                values[key] = [{"path": e} if isinstance(e, str) else e for e in entry]
+            elif not many and isinstance(entry, str):
+                values[key] = {"path": entry}
+            raw[section] = values
+        return raw
 
     @field_validator("quantize")
     @classmethod

@@ -37,6 +37,7 @@ def _files(folder: str) -> list[Path]:
     ("compress", "deltatune.jobs"), ("compress", "deltatune.methods"),
     ("compress", "deltatune.cli"),
     ("models", "deltatune.compress"),
+    ("forgetting", "deltatune.jobs"), ("eval", "deltatune.forgetting"),
 ])
 def test_no_module_reaches_back_up_the_chain(folder, forbidden):
     offenders = [str(path.relative_to(PACKAGE)) for path in _files(folder)

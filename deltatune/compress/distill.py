@@ -29,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,9 @@ from deltatune.data.collate import IGNORE_INDEX, model_inputs, pad_batch
 from deltatune.errors import ConfigError
 from deltatune.fileio import write_json, write_safetensors
 from deltatune.models.fused_loss import next_token_targets
-from deltatune.train.objectives import ObjectiveOutput
+
+if TYPE_CHECKING:  # the loss term only reads it; eval/ reuses this module's KL helpers
+    from deltatune.train.objectives import ObjectiveOutput
 
 Batch = dict[str, Tensor]
 

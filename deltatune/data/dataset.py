@@ -62,6 +62,9 @@ class DataConfig:
     eval_limit: Annotated[int, Field(ge=1)] | None = None
     label_names: list[str] | None = None
     placeholders: dict[str, str] = field(default_factory=dict)
+    # Multi-task training: this text goes in front of every record's text (classification) or
+    # instruction (instruction data), so the model knows which task an example is from.
+    task_prefix: str | None = None
 
 
 @dataclass
@@ -210,7 +213,33 @@ def _filled_records(config: DataConfig, encoding: DataEncoding,
     if config.placeholders:
         train_records = fill_placeholders(train_records, config.placeholders)
         eval_records = fill_placeholders(eval_records, config.placeholders)
+    if config.task_prefix:
+        train_records = _with_task_prefix(train_records, config.task_prefix)
+        eval_records = _with_task_prefix(eval_records, config.task_prefix)
     return train_records, eval_records, sources
+
+
+def _with_task_prefix(records: list[dict], prefix: str) -> list[dict]:
+    """Copies of `records` with `prefix` before the text or the instruction (the first user
+    message of chat records)."""
+    prefixed = []
+    for original in records:
+        record = type(original)(original)
+        if hasattr(original, "where"):
+            record.where = original.where
+        if isinstance(record.get("text"), str):
+            record["text"] = prefix + record["text"]
+        elif isinstance(record.get("instruction"), str):
+            record["instruction"] = prefix + record["instruction"]
+        elif isinstance(record.get("messages"), list):
+            messages = [dict(m) if isinstance(m, dict) else m for m in record["messages"]]
+            first_user = next((m for m in messages if isinstance(m, dict)
+                               and m.get("role") == "user"), None)
+            if first_user is not None and isinstance(first_user.get("content"), str):
+                first_user["content"] = prefix + first_user["content"]
+            record["messages"] = messages
+        prefixed.append(record)
+    return prefixed
 
 
 def discover_label_names(config: DataConfig, seed: int = 0) -> list[str]:

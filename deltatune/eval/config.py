@@ -2,10 +2,12 @@
 boundary)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
+
+from deltatune.data.retain import RetainSet
 
 METRICS = ("auto", "exact_match", "perplexity", "accuracy")
 
@@ -20,3 +22,11 @@ class EvalConfig:
     # auto lets the task choose.
     metric: Literal["auto", "exact_match", "perplexity", "accuracy"] = "auto"
     baseline: bool = True
+    # Forgetting measured at every evaluation (deltatune/eval/forgetting.py): each retain set's
+    # perplexity (language models) or accuracy (classifiers), and the probe: the KL divergence
+    # from the base model on continuations it generated itself. "auto": the probe runs for
+    # language models; "on"/"off" force it.
+    retain: list[RetainSet] = field(default_factory=list)
+    probe: Literal["auto", "on", "off"] = "auto"
+    probe_prompts: Annotated[int, Field(ge=1)] = 16
+    probe_new_tokens: Annotated[int, Field(ge=1)] = 48

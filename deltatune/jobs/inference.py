@@ -84,6 +84,10 @@ def load_for_inference(model: str | None, adapter: str | None, run_dir: str | No
                         num_labels=len(label_names) if label_names else None,
                         label_names=label_names, trust_remote_code=trust_remote_code,
                         quantize=spec.quantization() if spec is not None else None)
+    if spec is not None and spec.init_from:
+        # The run trained on top of an earlier run's weights: put them back first.
+        from deltatune.jobs.starting_point import load_starting_weights
+        load_starting_weights(loaded.model, spec.init_from, trust_remote_code)
     handle = None
     if adapter:
         if (Path(adapter) / "tokenizer_config.json").is_file():

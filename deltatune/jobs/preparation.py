@@ -3,6 +3,7 @@ the run directory, the model with the method applied, the encoded data — built
 makes runs reproducible from the seed alone."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ import torch
 from deltatune.data import DataConfig, build_datasets
 from deltatune.errors import ConfigError
 from deltatune.data.batches import BatchSource, make_batch_source
+from deltatune.data.mixing import multitask_batch_source
+from deltatune.jobs.multitask import build_task_datasets, multitask_data, shared_label_names
+from deltatune.jobs.starting_point import (check_starting_run, earlier_label_names,
+                                           grown_label_names, load_starting_weights)
 from deltatune.jobs.tasks import Task, get_task
 from deltatune.methods import apply, make_config
 from deltatune.methods.base import MethodHandle
@@ -52,10 +57,18 @@ class Job:
     base_dtype: BaseDtypeChoice | None = None
     # Packed rows: the task, the method, the config and the model all allow it (see `prepare`).
     packs: bool = False
+    # Multi-task runs: each task's training and eval examples by task name (None: one task).
+    train_pools: dict[str, list[dict]] | None = None
+    eval_sets: dict[str, list[dict]] | None = None
 
     def batch_source(self) -> BatchSource:
         rank, world = (self.distributed.rank, self.distributed.world_size) \
             if self.distributed else (0, 1)
+        if self.train_pools is not None:
+            return multitask_batch_source(self.train_pools, self.spec.train.batch_size,
+                                          self.spec.seed, self.loaded.tokenizer.pad_token_id,
+                                          self.packs, self.spec.multitask.temperature, rank,
+                                          world, self.task.encoding)
         return make_batch_source(self.train_examples, self.spec.train.batch_size, self.spec.seed,
                                  self.loaded.tokenizer.pad_token_id, self.packs, rank, world,
                                  self.task.encoding)
@@ -96,8 +109,15 @@ def prepare(spec: RunSpec, distributed: Distributed | None = None, *, new_run: b
                        writes=distributed is None or distributed.is_main)
     if new_run:
         check_run_folder(run, overwrite, distributed)
-    data = task.resolve_data(spec.data)
-    label_names = task.head_labels(data, spec.seed)
+    tasks = multitask_data(spec, task)
+    data = tasks[0][1] if tasks else task.resolve_data(spec.data)
+    label_names = shared_label_names(task, tasks, spec.seed) if tasks \
+        else task.head_labels(data, spec.seed)
+    if spec.init_from:
+        check_starting_run(spec)
+        label_names = grown_label_names(earlier_label_names(task, spec), label_names)
+        if label_names is not None:
+            data = dataclasses.replace(data, label_names=label_names)
     config = make_config(spec.method, spec.method_options)
     quantize = spec.quantization()
     say(f"loading model {spec.model} ({task.name}"
@@ -106,6 +126,10 @@ def prepare(spec: RunSpec, distributed: Distributed | None = None, *, new_run: b
                         num_labels=len(label_names) if label_names else None,
                         label_names=label_names, trust_remote_code=trust_remote_code,
                         quantize=quantize)
+    starting_point = None
+    if spec.init_from:
+        say(f"starting from the weights of run {spec.init_from}", distributed)
+        starting_point = load_starting_weights(loaded.model, spec.init_from, trust_remote_code)
     if distributed is not None:
         loaded.model.to(distributed.device)
     task.adjust_method(config, loaded.model, spec.method_options)
@@ -113,15 +137,27 @@ def prepare(spec: RunSpec, distributed: Distributed | None = None, *, new_run: b
     set_seed(spec.seed)  # method initialisation depends on the seed alone
     handle = apply(loaded.model, config)
     base_dtype = apply_base_dtype(loaded.model, spec.base_dtype, distributed)
-    datasets = build_datasets(data, loaded.tokenizer, task.encoding, spec.seed)
+    pools = evals = None
+    if tasks:
+        pools, evals, info = build_task_datasets(tasks, loaded.tokenizer, task, spec.seed,
+                                                 label_names)
+        train_examples = [e for examples in pools.values() for e in examples]
+        eval_examples = [e for examples in evals.values() for e in examples]
+    else:
+        datasets = build_datasets(data, loaded.tokenizer, task.encoding, spec.seed)
+        train_examples, eval_examples = datasets.train, datasets.eval
+        info = dict(datasets.info)
     counts = handle.parameter_counts()
     say(f"method {spec.method}: {counts.trainable:,} trainable of {counts.total:,} parameters "
-        f"({counts.trainable_percent:.3f}%); {len(datasets.train)} train / "
-        f"{len(datasets.eval)} eval examples", distributed)
+        f"({counts.trainable_percent:.3f}%); {len(train_examples)} train / "
+        f"{len(eval_examples)} eval examples"
+        + (f" over {len(tasks)} tasks" if tasks else ""), distributed)
     packs = (task.packs and config.supports_packing and spec.train.packing
              and task.model_can_pack(loaded.model))
-    return Job(spec, task, data, run, loaded, handle, datasets.train, datasets.eval,
-               dict(datasets.info), distributed, base_dtype, packs)
+    if starting_point is not None:
+        info["starting_point"] = starting_point
+    return Job(spec, task, data, run, loaded, handle, train_examples, eval_examples,
+               info, distributed, base_dtype, packs, pools, evals)
 
 
 def apply_base_dtype(model: torch.nn.Module, requested: str,

@@ -13,6 +13,9 @@ from typing import Any, Callable, Sequence
 
 from deltatune.errors import ConfigError
 from deltatune.eval.memory import peak_memory_bytes
+from deltatune.jobs.forgetting import (RetentionMeasures, forgetting_summary, mitigation_terms,
+                                       mixed_batch_source, retention_headline)
+from deltatune.jobs.multitask import multitask_evaluator
 from deltatune.jobs.preparation import Job, prepare, say
 from deltatune.jobs.summary import RunSummary, rounded
 from deltatune.methods.adapter_io import save_adapter
@@ -77,29 +80,45 @@ def _run(spec: RunSpec, resume: bool, overwrite: bool, trust_remote_code: bool,
 def _train_and_report(job: Job, checkpoint: Checkpoint | None,
                       additions: TrainingAdditions) -> RunSummary:
     spec, distributed = job.spec, job.distributed
-    evaluate = job.task.evaluator(job.loaded, job.eval_examples, job.data_info, spec.eval,
-                                  spec.progress and _is_main(job))
-    baseline = _baseline(job, evaluate, resumed=checkpoint is not None)
+    progress = spec.progress and _is_main(job)
+    task_evaluate = multitask_evaluator(job, progress) if job.eval_sets is not None else \
+        job.task.evaluator(job.loaded, job.eval_examples, job.data_info, spec.eval, progress)
+    # Before anything trains: the probe's reference is the untouched model's predictions.
+    measures = RetentionMeasures(job, progress)
+    retained = _retention_baseline(job, measures, resumed=checkpoint is not None)
+    evaluate = measures.wrap(task_evaluate, spec.forgetting.retention_weight) \
+        if measures.active else task_evaluate
+    baseline = _baseline(job, task_evaluate, retained, resumed=checkpoint is not None)
     if checkpoint is not None:
         say(f"resuming {job.run.path} from step {checkpoint.step}", distributed)
     callbacks = _callbacks(job, evaluate)
     # Right after the metrics log: weights a callback changes (pruning masks) are changed
     # before evaluation and checkpoints see them.
     callbacks[1:1] = additions.callbacks_for(job)
-    objective = job.task.objective(additions.terms_for(job))
+    # Built from the weights as they are before training (a resumed run is prepared afresh from
+    # the seed, so they are the same): the anchors of EWC and L2-SP, the KL's original.
+    started = time.perf_counter()
+    terms = mitigation_terms(job)
+    batches = mixed_batch_source(job)
+    mitigation_seconds = time.perf_counter() - started
+    objective = job.task.objective(terms + additions.terms_for(job))
     with speed_options_applied(job.loaded.model, job.speed_options()):
         model = distributed.wrap(job.loaded.model) if distributed else job.loaded.model
-        result = train(job.handle, job.batch_source(), objective, spec.train,
+        result = train(job.handle, batches, objective, spec.train,
                        callbacks, model=model, distributed=distributed, resume=checkpoint)
     say("evaluating after training", distributed)
     final = evaluate()
     job.run.log({"step": result.steps, **{f"eval_{k}": v for k, v in final.items()}})
     say(f"tuned: {headline(final)}", distributed)
+    forgetting = forgetting_summary(job, measures, baseline, final, mitigation_seconds)
+    if forgetting.get("retention") or forgetting.get("task"):
+        say(f"forgetting: {retention_headline(forgetting)}", distributed)
     _save_artifacts(job)
     periodic = next((c for c in callbacks if isinstance(c, PeriodicEvaluation)), None)
     guard = next(c for c in callbacks if isinstance(c, DivergenceGuard))
     summary = _summary(job, result, baseline, final, periodic,
                        checkpoint.step if checkpoint else None, guard.diverged_at)
+    summary.forgetting = forgetting
     job.run.write_summary(summary.as_dict())
     say(f"run directory: {job.run.path}", distributed)
     return summary
@@ -114,17 +133,30 @@ def _checkpoint_to_resume(spec: RunSpec) -> Checkpoint:
     return Checkpoint(latest_checkpoint(spec.output_dir))
 
 
-def _baseline(job: Job, evaluate: Callable[[], dict[str, Any]],
+def _retention_baseline(job: Job, measures: RetentionMeasures,
+                        resumed: bool) -> dict[str, Any]:
+    if not measures.active:
+        return {}
+    say("measuring retention before training (retain sets, forgetting probe)", job.distributed)
+    retained = measures.start(resumed)
+    say(f"retention before training: {headline(retained)}", job.distributed)
+    return retained
+
+
+def _baseline(job: Job, evaluate: Callable[[], dict[str, Any]], retained: dict[str, Any],
               resumed: bool) -> dict[str, Any] | None:
-    """The base model's metrics: measured before training, or read back when resuming."""
+    """The base model's metrics: measured before training, or read back when resuming; the
+    retention metrics measured before training join them."""
     if not job.spec.eval.baseline:
+        if retained and not resumed:
+            job.run.log({"step": 0, **{f"eval_{k}": v for k, v in retained.items()}})
         return None
     if resumed:
         logged = [r for r in job.run.logged() if r.get("step") == 0]
         return {k[len("eval_"):]: v for r in logged for k, v in r.items()
                 if k.startswith("eval_")} or None
     say("evaluating before training (baseline)", job.distributed)
-    baseline = evaluate()
+    baseline = {**evaluate(), **retained}
     job.run.log({"step": 0, **{f"eval_{k}": v for k, v in baseline.items()}})
     say(f"baseline: {headline(baseline)}", job.distributed)
     return baseline

@@ -38,6 +38,9 @@ class RunSummary:
     base_dtype: dict[str, Any] | None
     data: dict[str, Any]
     finished_at: str
+    # Task gain next to each retention change, the mitigations used and what they cost
+    # (deltatune/jobs/forgetting.py); None for summaries written before it existed.
+    forgetting: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

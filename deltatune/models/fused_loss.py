@@ -8,8 +8,10 @@ training step (for a 49k-token vocabulary, and padded, most of its peak memory).
 `head(backbone(x))` with the model's own logits, so a head that does more than a linear map
 (soft-capping, logit scaling, a custom nonlinear head) is refused and the caller keeps the plain
 full-logits path, never a wrong loss. Installed, `model(..., loss_targets=T)` returns a
-`LabelLoss` (sum of cross-entropy over the positions where T != -100 and their count); without
-`loss_targets` the model behaves exactly as before. `label_loss_sum(model, batch)` is the one
+`LabelLoss` (sum of cross-entropy over the positions where T != -100 and their count; with
+`keep_hidden=True` also the backbone's last hidden state at those positions, for loss terms
+that put the same positions through the head again, such as the KL to the original model);
+without `loss_targets` the model behaves exactly as before. `label_loss_sum(model, batch)` is the one
 function objectives and evaluators call: fused when installed, plain otherwise.
 
 For a plain `nn.Linear` head a custom autograd function computes each chunk's loss *and* its
@@ -38,9 +40,13 @@ DEFAULT_CHUNK_SIZE = 256
 
 @dataclass
 class LabelLoss:
-    """Summed next-token cross-entropy over the labelled positions and how many there were."""
+    """Summed next-token cross-entropy over the labelled positions and how many there were;
+    `hidden` (labelled positions, hidden size) or `logits` (the full logits, plain path) when
+    the caller asked to keep what the loss was computed from."""
     loss_sum: Tensor
     label_tokens: int
+    hidden: Tensor | None = None
+    logits: Tensor | None = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -55,18 +61,24 @@ def next_token_targets(labels: Tensor) -> Tensor:
     return labels[:, 1:]
 
 
-def label_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> LabelLoss:
+def label_loss_sum(model: nn.Module, batch: dict[str, Tensor],
+                   keep_hidden: bool = False) -> LabelLoss:
     """Summed next-token cross-entropy of `batch["labels"]`, always through `model(...)`: the
-    fused head + loss when installed on the (unwrapped) model, full logits otherwise."""
+    fused head + loss when installed on the (unwrapped) model, full logits otherwise.
+    `keep_hidden`: the result also carries the labelled positions' hidden states (fused) or
+    the full logits (plain path)."""
     targets = next_token_targets(batch["labels"])
     inputs = model_inputs(batch)
     if getattr(unwrap(model), FUSED_LOSS_ATTRIBUTE, None):
+        if keep_hidden:
+            return model(**inputs, loss_targets=targets, keep_hidden=True)
         return model(**inputs, loss_targets=targets)
     # use_cache=False: with a cache, transformers skips its packed-sequence mask.
     logits = model(**inputs, use_cache=False).logits
     loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    return LabelLoss(loss_sum, int((targets != IGNORE_INDEX).sum()))
+    return LabelLoss(loss_sum, int((targets != IGNORE_INDEX).sum()),
+                     logits=logits if keep_hidden else None)
 
 
 # -- installing the fused forward ------------------------------------------------------------
@@ -82,10 +94,11 @@ def install_fused_loss(model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -
         return False
     original = model.forward
 
-    def forward(*args: Any, loss_targets: Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(*args: Any, loss_targets: Tensor | None = None, keep_hidden: bool = False,
+                **kwargs: Any) -> Any:
         if loss_targets is None:
             return original(*args, **kwargs)
-        return _fused_loss(model, kwargs, loss_targets, chunk_size)
+        return _fused_loss(model, kwargs, loss_targets, chunk_size, keep_hidden)
 
     model.__dict__["forward"] = forward
     setattr(model, FUSED_LOSS_ATTRIBUTE, chunk_size)
@@ -144,8 +157,18 @@ def head_is_linear_map_of_backbone(model: nn.Module) -> bool:
 
 
 def _fused_loss(model: nn.Module, kwargs: dict[str, Any], targets: Tensor,
-                chunk_size: int) -> LabelLoss:
-    inputs = {k: v for k, v in kwargs.items() if k not in ("token_type_ids", "use_cache")}
+                chunk_size: int, keep_hidden: bool = False) -> LabelLoss:
+    selected, label_mask = labelled_hidden_states(model, kwargs, targets)
+    loss_sum = linear_cross_entropy_sum(selected, model.get_output_embeddings(),
+                                        targets[label_mask], chunk_size)
+    return LabelLoss(loss_sum, int(label_mask.sum()), hidden=selected if keep_hidden else None)
+
+
+def labelled_hidden_states(model: nn.Module, inputs: dict[str, Any],
+                           targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The backbone's last hidden state at the positions whose next-token target is labelled,
+    (labelled positions, hidden), in row-major order, and the (batch, T-1) mask of them."""
+    inputs = {k: v for k, v in inputs.items() if k not in ("token_type_ids", "use_cache")}
     # use_cache=False: with a cache, transformers skips its packed-sequence mask.
     hidden = _last_hidden_state(backbone(model)(**inputs, use_cache=False))
     if hidden.shape[1] != targets.shape[1] + 1:
@@ -153,10 +176,7 @@ def _fused_loss(model: nn.Module, kwargs: dict[str, Any], targets: Tensor,
             f"the backbone returned {hidden.shape[1]} positions for {targets.shape[1] + 1} "
             "labelled ones; a method that adds positions needs the plain loss path")
     label_mask = targets != IGNORE_INDEX
-    selected = hidden[:, :-1][label_mask]
-    loss_sum = linear_cross_entropy_sum(selected, model.get_output_embeddings(),
-                                        targets[label_mask], chunk_size)
-    return LabelLoss(loss_sum, int(label_mask.sum()))
+    return hidden[:, :-1][label_mask], label_mask
 
 
 def _last_hidden_state(output: Any) -> Tensor:
@@ -255,24 +275,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(sum CE)/d logits = softmax - one_hot.
             grad_logits = logits.div_(exp_sum[:, None])
             grad_logits[torch.arange(chunk.shape[0], device=chunk.device), chunk_targets] -= 1.0
-            if need_hidden:
-                torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[rows])
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), chunk.to(accumulate))
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+            add_head_gradients(grad_logits, chunk, weight, rows, grad_hidden, grad_weight,
+                               grad_bias)
+        save_head_gradients(ctx, weight, bias, grad_hidden, grad_weight, grad_bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: Tensor):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.dtypes
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+        return (*scaled_head_gradients(ctx, grad_total), None, None)
+
+
+def add_head_gradients(grad_logits: Tensor, chunk: Tensor, weight: Tensor, rows: slice,
+                       grad_hidden: Tensor | None, grad_weight: Tensor | None,
+                       grad_bias: Tensor | None) -> None:
+    """One chunk's share of the gradients of a linear head, from d loss / d logits: into
+    `grad_hidden[rows]`, and added to the weight and bias gradients (each only when wanted).
+    Shared by the fused losses that compute gradients in their forward pass."""
+    if grad_hidden is not None:
+        torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[rows])
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t(), chunk.to(grad_weight.dtype))
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+
+
+def save_head_gradients(ctx: Any, weight: Tensor, bias: Tensor | None,
+                        grad_hidden: Tensor | None, grad_weight: Tensor | None,
+                        grad_bias: Tensor | None) -> None:
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+
+
+def scaled_head_gradients(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+    """backward of a fused loss: the stored (hidden, weight, bias) gradients times the
+    incoming gradient of the summed loss, in the inputs' dtypes."""
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    weight_dtype, bias_dtype = ctx.dtypes
+    return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
             None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
-            None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype),
-            None,
-            None,
-        )
+            None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype))

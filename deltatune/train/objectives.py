@@ -9,7 +9,11 @@ installed that model change (deltatune.models.fused_loss), and computed from ful
 otherwise — the same value either way. A term that reads the model's logits (distillation)
 declares `needs_logits = True`; the causal-LM objective then runs the model once for full logits,
 computes the cross-entropy from them (the same value as the fused path) and hands them to every
-term as `ObjectiveOutput.logits`. The classification objective always hands its logits on.
+term as `ObjectiveOutput.logits`. A term that puts the labelled positions through the output head
+itself (the KL to the original model) declares `needs_hidden_states = True` instead: the fused
+path then hands on the backbone's hidden states at those positions (`ObjectiveOutput.
+hidden_states`) and never builds full logits; without the fused head it hands on the logits.
+The classification objective always hands its logits on.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ class ObjectiveOutput:
     input_tokens: int
     terms: dict[str, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
+    # The backbone's last hidden state at the labelled positions (labelled positions, hidden),
+    # row-major, when a term declares `needs_hidden_states` and the loss is fused.
+    hidden_states: Tensor | None = None
 
 
 class LossTerm(Protocol):
@@ -81,6 +88,11 @@ class Objective:
         """Whether any term reads `output.logits` (then the model's full logits are computed)."""
         return any(getattr(term, "needs_logits", False) for term in self.terms)
 
+    @property
+    def needs_hidden_states(self) -> bool:
+        """Whether any term reads `output.hidden_states` (or, unfused, `output.logits`)."""
+        return any(getattr(term, "needs_hidden_states", False) for term in self.terms)
+
     def add_terms(self, model: nn.Module, batch: Batch, output: ObjectiveOutput) -> ObjectiveOutput:
         for term in self.terms:
             value = term(model, batch, output)
@@ -95,10 +107,11 @@ class CausalLMObjective(Objective):
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         if self.needs_logits:
             return self._with_logits(model, batch)
-        label_loss = label_loss_sum(model, batch)
+        label_loss = label_loss_sum(model, batch, keep_hidden=self.needs_hidden_states)
         loss = label_loss.loss_sum / max(label_loss.label_tokens, 1)
         output = ObjectiveOutput(loss, label_loss.label_tokens, count_input_tokens(batch),
-                                 {self.main_term: loss})
+                                 {self.main_term: loss}, logits=label_loss.logits,
+                                 hidden_states=label_loss.hidden)
         return self.add_terms(model, batch, output)
 
     def _with_logits(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:

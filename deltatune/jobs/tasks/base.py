@@ -31,6 +31,9 @@ class Task:
     # The model is a language model: it generates text and has a perplexity on plain text
     # (what `deltatune quantize` measures); otherwise quality is the task's own evaluator.
     models_language: ClassVar[bool] = True
+    # Names of the head modules this task adds freshly initialised (task-specific: forgetting
+    # penalties leave them out).
+    new_head_names: ClassVar[tuple[str, ...]] = ()
 
     def resolve_data(self, data: DataConfig) -> DataConfig:
         """The data config to use: a task may supply defaults (a built-in data set)."""

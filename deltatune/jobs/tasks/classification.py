@@ -30,6 +30,7 @@ class ClassificationTask(Task):
     name = "classification"
     model_kind = "classification"
     models_language = False
+    new_head_names = HEAD_NAMES
     encoding = ClassificationEncoding()
     packs = True
     pools_packed_rows = True
