@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.cli_export import add_export_parser
     from deltatune.cli_forgetting import add_interpolate_parser
     from deltatune.cli_sequential import add_sequential_parser
+    from deltatune.cli_adapters import add_merge_adapters_parser
+    from deltatune.cli_serve import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -471,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub)
     add_sequential_parser(sub)
     add_interpolate_parser(sub)
+    add_serve_parser(sub)
+    add_merge_adapters_parser(sub)
     _add_models_parser(sub)
     return parser
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -65,3 +65,42 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
             written += os.write(descriptor, data[written:])
     finally:
         os.close(descriptor)
+
+
+def checked_output_folder(path: str | os.PathLike, overwrite: bool,
+                          sources: Iterable[str | os.PathLike | None], what: str) -> Path:
+    """The absolute output folder of a command that writes one (`--out`), refused when writing
+    it would lose data: a file there, a non-empty folder without `overwrite`, or (with
+    `overwrite`) a folder that holds one of the command's own `sources` (`what` names them in
+    the message). Its parent is created."""
+    from deltatune.errors import ConfigError
+
+    out = Path(path).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder path (it is created)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {out} already holds files; choose a new folder or pass "
+                              "--overwrite to replace it")
+        for source in sources:
+            if source and Path(source).exists() and _inside(Path(source), out):
+                raise ConfigError(f"--out {out} holds {what} {source}; --overwrite would "
+                                  "delete it: choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    resolved, root = path.resolve(), folder.resolve()
+    return resolved == root or root in resolved.parents
+
+
+def move_folder_into_place(folder: Path, out: Path, staging: Path) -> None:
+    """Renames a finished `folder` (inside the `staging` folder, on `out`'s file system) onto
+    `out`; what `out` held is moved into `staging` first, so the caller deletes it only after
+    the new folder is in place."""
+    if out.is_dir() and any(out.iterdir()):
+        os.rename(out, staging / (out.name + ".replaced"))
+    elif out.is_dir():
+        out.rmdir()
+    os.rename(folder, out)

@@ -38,6 +38,8 @@ def _files(folder: str) -> list[Path]:
     ("compress", "deltatune.cli"),
     ("models", "deltatune.compress"),
     ("forgetting", "deltatune.jobs"), ("eval", "deltatune.forgetting"),
+    ("serve", "deltatune.train"), ("serve", "deltatune.jobs"), ("serve", "deltatune.compress"),
+    ("serve", "deltatune.forgetting"),
 ])
 def test_no_module_reaches_back_up_the_chain(folder, forbidden):
     offenders = [str(path.relative_to(PACKAGE)) for path in _files(folder)
@@ -56,7 +58,8 @@ def test_job_code_never_compares_task_names():
 
 @pytest.mark.parametrize("module", ["deltatune.spec", "deltatune.jobs.tasks", "deltatune.cli",
                                     "deltatune.train.loop", "deltatune.eval.evaluate",
-                                    "deltatune.models.fused_loss", "deltatune.data"])
+                                    "deltatune.models.fused_loss", "deltatune.data",
+                                    "deltatune.serve.engine"])
 def test_each_entry_module_imports_first_in_a_fresh_interpreter(module):
     """Import cycles only show when a module is the first one imported."""
     import subprocess

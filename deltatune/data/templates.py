@@ -127,6 +127,13 @@ def render_prompt(prompt: str, tokenizer: Any, template: str,
     return encode_instruction(record, tokenizer, template, max_length=sys.maxsize)["prompt_ids"]
 
 
+def raw_prompt_ids(text: str, tokenizer: Any) -> list[int]:
+    """A prompt used as given (no template): the tokenizer's leading special ids, if any, then
+    the text's tokens. `render_prompt(p, tokenizer, "none")` is this for `p + "\n"`."""
+    return _leading_special_ids(tokenizer) + list(
+        tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def has_loss(example: dict) -> bool:
     return any(label != IGNORE_INDEX for label in example["labels"])
 

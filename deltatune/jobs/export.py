@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from deltatune.errors import ConfigError, DataError, DeltatuneError, MergeNotSupportedError
-from deltatune.fileio import write_json
+from deltatune.fileio import checked_output_folder, move_folder_into_place, write_json
 from deltatune.jobs.inference import load_for_inference
 from deltatune.methods import config_class, method_names
 from deltatune.methods.base import MethodHandle, replace_module
@@ -131,7 +130,7 @@ def export_merged(request: ExportRequest) -> dict[str, Any]:
             report["gguf"] = _export_gguf(request, reloaded, tokenizer, folder, sequences)
         report["bytes"] = _folder_bytes(folder)
         write_json(folder / REPORT_FILE, report)
-        _move_into_place(folder, out, staging)
+        move_folder_into_place(folder, out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _stage(request, f"done: {out} ({report['bytes'] / 1e6:.1f} MB, max logit diff "
@@ -150,34 +149,9 @@ def _checked_out(request: ExportRequest) -> Path:
         raise ConfigError(f"unknown GGUF type {request.gguf!r}; use one of {', '.join(FILE_TYPES)}")
     if request.check_tokens < 2:
         raise ConfigError(f"--check-tokens must be at least 2, got {request.check_tokens}")
-    out = Path(request.out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder path (it is created)")
-    if out.is_dir() and any(out.iterdir()):
-        if not request.overwrite:
-            raise ConfigError(f"--out {out} already holds files; choose a new folder or pass "
-                              "--overwrite to replace it")
-        for source in (request.run, request.adapter, request.model):
-            if source and Path(source).exists() and _inside(Path(source), out):
-                raise ConfigError(f"--out {out} holds the export's own source {source}; "
-                                  "--overwrite would delete it: choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    resolved, root = path.resolve(), folder.resolve()
-    return resolved == root or root in resolved.parents
-
-
-def _move_into_place(folder: Path, out: Path, staging: Path) -> None:
-    """Renames the finished folder onto `out`; a replaced export is moved aside first and
-    deleted only after the new one is in place."""
-    if out.is_dir() and any(out.iterdir()):
-        os.rename(out, staging / (out.name + ".replaced"))
-    elif out.is_dir():
-        out.rmdir()
-    os.rename(folder, out)
+    return checked_output_folder(request.out, request.overwrite,
+                                 (request.run, request.adapter, request.model),
+                                 "the export's own source")
 
 
 def _stage(request: ExportRequest, text: str) -> None:
