@@ -17,15 +17,23 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_SECONDS = 240
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def _run(out: Path, strategy: str, layout: str, processes: int) -> tuple[list[float], dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    completed = subprocess.run([*launcher, "-m", "tests.train.distributed_worker", str(out),
-                                strategy, layout], cwd=ROOT, env=environment,
-                               capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    command = [*launcher, "-m", "tests.train.distributed_worker", str(out), strategy, layout]
+    for _attempt in range(2):
+        completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True,
+                                   text=True, timeout=TIMEOUT_SECONDS)
+        # Gloo's teardown race (a worker thread still joinable at interpreter exit aborts the
+        # process, pytorch/pytorch#190489) aborted rank 1 once in a 2-core CI run of
+        # 2026-12-04 after its group was destroyed (9 reruns passed); only that exact abort is
+        # retried, once.
+        if not (completed.returncode != 0 and TEARDOWN_ABORT in completed.stderr):
+            break
     assert completed.returncode == 0, completed.stderr[-3000:]
     losses = json.loads((out / "losses.json").read_text())
     return losses, load_file(str(out / "adapter.safetensors"))
