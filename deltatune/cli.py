@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import yaml
 
 from deltatune.cli_common import (_TRAIN_FLAGS, _key_values, add_data_arguments,
-                                  add_forgetting_arguments, forgetting_section_from_args)
+                                  add_forgetting_arguments, add_tracking_argument,
+                                  forgetting_section_from_args)
 from deltatune.errors import ConfigError, DeltatuneError
 
 EXIT_USER_ERROR = 2
@@ -362,6 +363,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace the run already in --output-dir (to continue it instead, use "
                         "--resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_tracking_argument(g)
     _add_trust_flag(g)
     add_forgetting_arguments(p)
     p.set_defaults(handler=cmd_train)
@@ -457,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.cli_forgetting import add_interpolate_parser
     from deltatune.cli_sequential import add_sequential_parser
     from deltatune.cli_adapters import add_merge_adapters_parser
+    from deltatune.cli_analyze import add_analyze_parser
     from deltatune.cli_serve import add_serve_parser
+    from deltatune.cli_compare import add_compare_parser
 
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -475,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_interpolate_parser(sub)
     add_serve_parser(sub)
     add_merge_adapters_parser(sub)
+    add_analyze_parser(sub)
+    add_compare_parser(sub)
     _add_models_parser(sub)
     return parser
 

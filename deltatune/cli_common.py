@@ -32,7 +32,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "activation_checkpointing": "train.activation_checkpointing", "compile": "train.compile",
     "allocator": "train.allocator", "threads": "train.threads",
     "save_every": "train.save_every", "distributed": "train.distributed",
-    "stop_on_divergence": "train.stop_on_divergence",
+    "stop_on_divergence": "train.stop_on_divergence", "report_to": "train.report_to",
     "quantize": "quantize", "base_dtype": "base_dtype",
     "probe": "eval.probe", "init_from": "init_from",
     "kl_weight": "forgetting.kl_weight", "kl_temperature": "forgetting.kl_temperature",
@@ -93,6 +93,15 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--init-from", metavar="RUN_DIR",
                    help="start from a finished run's weights (sequential fine-tuning; a "
                    "classifier's head keeps that run's classes and adds the new ones)")
+
+
+def add_tracking_argument(group: argparse._ArgumentGroup) -> None:
+    """`--report-to`: experiment trackers for a training run (docs/tracking.md)."""
+    group.add_argument("--report-to", metavar="TRACKERS",
+                       help="send metrics.jsonl's numbers to experiment trackers: tensorboard "
+                       "(event files in RUN_DIR/tensorboard/; view with `tensorboard --logdir "
+                       "RUN_DIR`; needs `pip install tensorboard`) or none (default); several "
+                       "comma-separated")
 
 
 def forgetting_section_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """`run_training(spec) -> RunSummary`: prepare the job, evaluate the base model, train with the
 loop and its callbacks (metrics log, periodic evaluation / early stopping, checkpoints, progress
-bar) under the speed switches, evaluate again, save the adapter and the summary. With
-`resume=True` it continues a run directory from its newest checkpoint; under torchrun every
-process runs this and only the main one writes."""
+bar, experiment trackers) under the speed switches, evaluate again, save the adapter and the
+summary. With `resume=True` it continues a run directory from its newest checkpoint; under
+torchrun every process runs this and only the main one writes."""
 from __future__ import annotations
 
 import time
@@ -28,6 +28,7 @@ from deltatune.train.loop import Callback, TrainResult, train
 from deltatune.train.objectives import LossTerm
 from deltatune.train.speed import speed_options_applied
 from deltatune.train.threads import AdaptiveThreads
+from deltatune.train.trackers import Tracking, make_trackers
 
 
 @dataclass
@@ -64,12 +65,19 @@ def run_training(spec: RunSpec, resume: bool = False, overwrite: bool = False,
 def _run(spec: RunSpec, resume: bool, overwrite: bool, trust_remote_code: bool,
          distributed: Distributed | None, additions: TrainingAdditions) -> RunSummary:
     checkpoint = _checkpoint_to_resume(spec) if resume else None
+    # Before the model loads: a requested tracker whose package is missing stops the run here.
+    trackers = make_trackers(spec.train.report_to)
     job = prepare(spec, distributed, new_run=checkpoint is None, overwrite=overwrite,
                   trust_remote_code=trust_remote_code)
     if checkpoint is None:
         job.run.start(spec.model_dump(), overwrite)
+    tracking = Tracking(trackers, job.run, spec.model_dump()) if trackers else None
     try:
-        return _train_and_report(job, checkpoint, additions)
+        try:
+            return _train_and_report(job, checkpoint, additions, tracking)
+        finally:  # flushed and closed at the end, on Ctrl-C and on a crash
+            if tracking is not None:
+                tracking.close()
     except BaseException:
         if job.run.discard():
             say(f"removed {job.run.path}: the run failed before its first checkpoint",
@@ -77,8 +85,8 @@ def _run(spec: RunSpec, resume: bool, overwrite: bool, trust_remote_code: bool,
         raise
 
 
-def _train_and_report(job: Job, checkpoint: Checkpoint | None,
-                      additions: TrainingAdditions) -> RunSummary:
+def _train_and_report(job: Job, checkpoint: Checkpoint | None, additions: TrainingAdditions,
+                      tracking: Tracking | None = None) -> RunSummary:
     spec, distributed = job.spec, job.distributed
     progress = spec.progress and _is_main(job)
     task_evaluate = multitask_evaluator(job, progress) if job.eval_sets is not None else \
@@ -92,6 +100,8 @@ def _train_and_report(job: Job, checkpoint: Checkpoint | None,
     if checkpoint is not None:
         say(f"resuming {job.run.path} from step {checkpoint.step}", distributed)
     callbacks = _callbacks(job, evaluate)
+    if tracking is not None:
+        callbacks.append(tracking)
     # Right after the metrics log: weights a callback changes (pruning masks) are changed
     # before evaluation and checkpoints see them.
     callbacks[1:1] = additions.callbacks_for(job)

@@ -47,6 +47,8 @@ _METHODS: dict[str, MethodEntry] = {
                                      "new placeholder-token embeddings, model frozen"),
     "hyperlora": MethodEntry("deltatune.methods.hyperlora", "HyperLoraConfig", "apply_hyperlora",
                              "hypernetwork generating every layer's LoRA from layer embeddings"),
+    "subspace": MethodEntry("deltatune.methods.subspace", "SubspaceConfig", "apply_subspace",
+                            "intrinsic dimension: train d numbers, θ = θ₀ + P z (Fastfood)"),
 }
 
 # adapter_config.json `peft_type` values PEFT writes, mapped to our method names.

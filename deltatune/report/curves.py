@@ -17,7 +17,9 @@ class Series:
 
 
 def plot_curves(series: Sequence[Series], path: str | Path, x_label: str, y_label: str,
-                title: str, log_y: bool = False) -> Path:
+                title: str, log_y: bool = False, marker: str | None = "o",
+                log_x: bool = False) -> Path:
+    """`marker=None` draws plain lines (long curves such as training loss per step)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
@@ -26,12 +28,15 @@ def plot_curves(series: Sequence[Series], path: str | Path, x_label: str, y_labe
     for line in series:
         points = [(x, y) for x, y in line.points if y is not None]
         if points:
-            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=line.label)
+            axes.plot([x for x, _ in points], [y for _, y in points], marker=marker,
+                      label=line.label)
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_title(title, fontsize=10)
     if log_y:
         axes.set_yscale("log")
+    if log_x:
+        axes.set_xscale("log")
     axes.grid(True, alpha=0.3)
     if len(series) > 1:
         axes.legend(fontsize=8)

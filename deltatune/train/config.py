@@ -54,6 +54,9 @@ class TrainConfig:
     threads: Annotated[int, Field(ge=1)] | None = None
     # Several processes (torchrun): "ddp" replicates the model, "fsdp" shards it (FSDP2).
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Experiment trackers that receive metrics.jsonl's numbers (deltatune/train/trackers.py,
+    # docs/tracking.md): "none", "tensorboard", or several as a list or "a,b".
+    report_to: str | list[str] = "none"
 
     def validate(self) -> None:
         if self.learning_rate <= 0:

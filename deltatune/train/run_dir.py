@@ -1,7 +1,8 @@
 """The run directory every command writes: the resolved config, one metrics line per logged step
 (metrics.jsonl), the final summary.json, checkpoints/ and the artifacts (adapter/). All writes
 are atomic. In a distributed run only the main process writes: the others get a RunDirectory
-with `writes=False`, whose writing methods do nothing.
+with `writes=False`, whose writing methods do nothing. Listeners (experiment trackers,
+deltatune/train/trackers.py) receive every metrics line exactly as it was written.
 
 A run owns its folder from `start` on, and only then is anything written: `problem(overwrite)`
 says beforehand (before the model loads) why a path cannot take a new run — a file is in the
@@ -16,7 +17,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -32,6 +33,7 @@ class RunDirectory:
         self.writes = writes
         self.metrics_path = self.path / "metrics.jsonl"
         self.created = False  # this process made the folder (so may remove it on failure)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def problem(self, overwrite: bool = False) -> str | None:
         """Why a new run cannot start in this folder (None: it can)."""
@@ -83,7 +85,13 @@ class RunDirectory:
     def log(self, record: dict[str, Any]) -> None:
         if self.writes:
             self._ensure()
-            append_jsonl(self.metrics_path, {"time": round(time.time(), 3), **record})
+            line = {"time": round(time.time(), 3), **record}
+            append_jsonl(self.metrics_path, line)
+            if self.listeners:
+                # As read back from the file, so a listener sees exactly metrics.jsonl's values.
+                written = json.loads(json.dumps(line, default=str))
+                for listener in self.listeners:
+                    listener(written)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)

@@ -74,7 +74,7 @@ MERGE_CASES = [c for c in DISABLE_CASES
 EXPECTED_FLAGS = {"lora": (True, True), "qlora": (True, True), "ia3": (True, True), "adapter": (True, True),
                   "hyperlora": (True, True), "prefix": (True, False), "prompt": (True, False),
                   "ptuning": (True, False), "textual-inversion": (True, False),
-                  "full": (False, False), "freeze": (False, False)}
+                  "full": (False, False), "freeze": (False, False), "subspace": (True, True)}
 
 
 def case_ids(cases: list[Case]) -> list[str]:

@@ -1,0 +1,1 @@
+"""Planning a fine-tune before running it: which method fits and what it will cost."""
