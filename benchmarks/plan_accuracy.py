@@ -1,6 +1,7 @@
 """How close `deltatune plan`'s estimates are to real runs: for each setting (model, task, method,
-batch size, max length) the plan's probe runs (1- and 2-layer copies, extrapolated), then a real
-`deltatune train` run of the full model with the same command line — same synthetic data that
+batch size, max length) the plan's probe runs (copies with a quarter and a half of the layers,
+extrapolated), then a real `deltatune train` run of the full model with the same command line —
+same synthetic data that
 fills every batch, same steps, same flags — and the estimated against the measured peak memory
 (`peak_memory_bytes` of summary.json: peak RSS on CPU) and seconds per step. The acceptance bar
 is 15 % on memory. Prints a markdown table and the CPU; writes benchmarks/plan_accuracy.json
@@ -38,7 +39,11 @@ SETTINGS = [
     ("smollm2-135m", "causal-lm", "adapter", 2, 512),
     ("smollm2-135m", "causal-lm", "qlora", 4, 256),
     ("minilm-l6", "classification", "full", 32, 64),
+    # LoRA's default targets (q_proj, v_proj) do not exist in BERT: the plan reports it as not
+    # measurable, as `deltatune train --method lora` refuses it; freeze and prompt instead.
     ("minilm-l6", "classification", "lora", 32, 128),
+    ("minilm-l6", "classification", "freeze", 32, 128),
+    ("minilm-l6", "classification", "prompt", 32, 128),
     ("minilm-l6", "classification", "adapter", 64, 64),
     ("minilm-l6", "classification", "prefix", 32, 128),
     ("minilm-l6", "classification", "ia3", 16, 256),
@@ -102,12 +107,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _earlier_rows() -> list[dict]:
+    import json
+    return json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+
+
+def _in_setting_order(rows: list[dict]) -> list[dict]:
+    order = {(s[0], s[2], s[3], s[4]): i for i, s in enumerate(SETTINGS)}
+    return sorted(rows, key=lambda r: order.get((r["model"], r["method"], r["batch"],
+                                                 r["length"]), len(order)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="one model name, or model:method")
     args = parser.parse_args()
     chosen = [s for s in SETTINGS if not args.only or args.only in (s[0], f"{s[0]}:{s[2]}")]
     print(f"CPU: {cpu_name()}", flush=True)
+    # With --only, the other settings' rows of an earlier run are kept.
+    key = ("model", "method", "batch", "length")
+    chosen_keys = {(s[0], s[2], s[3], s[4]) for s in chosen}
+    kept = [r for r in _earlier_rows() if tuple(r[k] for k in key) not in chosen_keys]
     rows: list[dict] = []
     root = Path(tempfile.mkdtemp(prefix="plan-accuracy-"))
     try:
@@ -120,9 +140,11 @@ def main() -> int:
                 row = one_setting(*setting, models, layers, root)
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
-                write_json(RESULTS, {"cpu": cpu_name(), "tolerance": TOLERANCE, "rows": rows})
+                write_json(RESULTS, {"cpu": cpu_name(), "tolerance": TOLERANCE,
+                                     "rows": _in_setting_order(kept + rows)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    rows = _in_setting_order(kept + rows)
     print(f"\nCPU: {cpu_name()}\n\n{table(rows)}")
     within = [r for r in rows if "memory_error" in r and abs(r["memory_error"]) <= TOLERANCE]
     measured = [r for r in rows if "memory_error" in r]

@@ -462,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     from deltatune.cli_analyze import add_analyze_parser
     from deltatune.cli_serve import add_serve_parser
     from deltatune.cli_compare import add_compare_parser
+    from deltatune.cli_plan import add_plan_parser
 
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -481,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_adapters_parser(sub)
     add_analyze_parser(sub)
     add_compare_parser(sub)
+    add_plan_parser(sub)
     _add_models_parser(sub)
     return parser
 

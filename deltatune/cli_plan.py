@@ -17,10 +17,12 @@ you have, the estimated seconds per optimizer step on this machine, and a recomm
 (full fine-tuning for small models with room to spare, LoRA/adapters for mid-size ones, QLoRA
 when memory is tight, prefix/prompt tuning at the extreme) among the methods that fit.
 
-The estimate is measured, not modelled: each method trains for a few steps on 1- and 2-layer
-randomly initialised copies of MODEL (real widths, real tokenizer, synthetic examples that fill
-every batch to --max-length), in fresh `deltatune train` processes, and the peak memory and
-step time are extrapolated linearly to the model's depth. Eight methods take a few minutes.
+The estimate is measured, not modelled: each method trains for a few steps on randomly
+initialised copies of MODEL with a quarter and a half of its layers (real widths, real
+tokenizer, synthetic examples that fill every batch to --max-length), in fresh `deltatune
+train` processes, and the peak memory and step time are extrapolated linearly to the model's
+depth. Eight methods take a few minutes.
+
 The memory budget is --memory, else the total memory of --device cuda:N, else the RAM
 available on this machine now. See docs/plan.md for how accurate it is."""
 
@@ -84,7 +86,7 @@ def request_from_args(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from deltatune.plan.planner import (COLUMNS, PROBE_LAYERS, make_plan, markdown_table,
+    from deltatune.plan.planner import (COLUMNS, PROBE_RUNS, make_plan, markdown_table,
                                         table_rows, write_plan)
 
     request = request_from_args(args)
@@ -92,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:  # refuse a bad --out before minutes of probing
         from deltatune.fileio import checked_output_folder
         checked_output_folder(args.out, args.overwrite, [], "")
-    with _progress_bar(len(request.methods) * len(PROBE_LAYERS), not args.no_progress) as bar:
+    with _progress_bar(len(request.methods) * PROBE_RUNS, not args.no_progress) as bar:
         plan = make_plan(request, progress=bar)
     print(markdown_table(COLUMNS, table_rows(plan)))
     for estimate in plan.estimates:

@@ -1,15 +1,16 @@
 """The measured probe behind `deltatune plan`: real `deltatune train` runs of a shortened copy of
-the model — the same configuration with 1 and 2 layers, randomly initialised, real hidden sizes,
-real tokenizer — on synthetic data that fills every micro-batch (batch size x max length tokens),
-each in a fresh process. Each run is the real command, so everything a real run holds at its
-peak is in its measured `peak_memory_bytes`: the Python/torch/deltatune runtime, the tokenizer,
-the speed switches and the allocator policy of the loop, AdamW, gradient clipping, the forgetting
-probe and the final evaluation. What grows with depth grows (to within the allocator's noise)
-linearly in the number of layers, so the two runs give the cost of one more layer and the full
-model's peak and step time are extrapolated from them (deltatune/plan/estimate.py).
+the model — the same configuration with a quarter and a half of its layers
+(planner.probe_depths), randomly initialised, real hidden sizes, real tokenizer — on synthetic
+data that fills every micro-batch (batch size x max length tokens), each in a fresh process.
+Each run is the real command, so everything a real run holds at its peak is in its measured
+`peak_memory_bytes`: the Python/torch/deltatune runtime, the tokenizer, the speed switches and
+the allocator policy of the loop, AdamW, gradient clipping, the forgetting probe and the final
+evaluation. What grows with depth grows (to within the allocator's noise) linearly in the number
+of layers, so the two runs give the cost of one more layer and the full model's peak and step
+time are extrapolated from them (deltatune/plan/estimate.py).
 
 Why randomly initialised: the memory and the time of a step do not depend on the weights'
-values, and a model too large to load still has a config, so the plan works for it too."""
+values, so the model's weights are never loaded."""
 from __future__ import annotations
 
 import copy

@@ -3,7 +3,6 @@ recommendation on hand-made probe runs (milliseconds), and one real plan of a ti
 through the command line (two probe trainings of a few seconds each)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -157,17 +156,10 @@ def test_unknown_method_and_bad_shapes_are_config_errors():
 
 
 def _cli(argv: list[str]) -> int:
-    from deltatune.cli import EXIT_USER_ERROR
-    from deltatune.cli_plan import add_plan_parser
-    from deltatune.errors import DeltatuneError
+    """The real command line: `deltatune plan` as cli.main parses and runs it."""
+    from deltatune.cli import main
 
-    parser = argparse.ArgumentParser()
-    add_plan_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except DeltatuneError:
-        return EXIT_USER_ERROR
+    return main(argv)
 
 
 def test_cli_refuses_bad_flags_before_probing(tmp_path, capsys):
@@ -201,3 +193,11 @@ def test_cli_plans_a_tiny_model_end_to_end(tmp_path, capsys):
     assert "| lora |" in (out / "plan.md").read_text()
     # A second plan into the same folder is refused without --overwrite.
     assert _cli(["plan", "--model", str(folder), "--methods", "lora", "--out", str(out)]) == 2
+
+
+def test_probe_depths_are_a_quarter_and_a_half_of_the_model():
+    from deltatune.plan.planner import probe_depths
+    assert probe_depths(30) == (7, 15)
+    assert probe_depths(6) == (1, 3)
+    assert probe_depths(2) == (1, 2)
+    assert probe_depths(1) == (1, 2)  # the line through 1 and 2 read back at 1
