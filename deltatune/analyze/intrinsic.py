@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deltatune.errors import ConfigError
 from deltatune.fileio import write_json, write_text
 
@@ -51,19 +49,8 @@ class IntrinsicRequest:
 
 
 def read_base_config(path: str) -> dict[str, Any]:
-    from deltatune.spec import yaml_problem
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass a run config YAML (see "
-                          "examples/)")
-    try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file '{path}' is not valid YAML ({yaml_problem(error)})") \
-            from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file '{path}' must be a mapping of run settings")
-    return loaded
+    from deltatune.spec import read_config_mapping
+    return read_config_mapping(path, hint="pass a run config YAML (see examples/)")
 
 
 def measure_intrinsic_dimension(request: IntrinsicRequest) -> dict[str, Any]:
@@ -195,8 +182,10 @@ def _markdown(result: dict[str, Any]) -> str:
              f"| d | {metric} | share of full | train s |", "|---:|---:|---:|---:|"]
     for row in result["dimensions"]:
         value = row["metrics"][metric]
-        lines.append(f"| {row['dimension']:,} | {value:.4f} | "
-                     f"{value / result['full_metric']:.3f} | {row['train_wall_seconds']:.0f} |")
+        # A full fine-tune can score 0 (a tiny or broken run): no share of nothing.
+        share = f"{value / result['full_metric']:.3f}" if result["full_metric"] else "—"
+        lines.append(f"| {row['dimension']:,} | {value:.4f} | {share} | "
+                     f"{row['train_wall_seconds']:.0f} |")
     lines += ["", "Published d90 on MRPC (Aghajanyan et al. 2020, structure-aware): " +
               ", ".join(f"{name} {value:,}" for name, value in
                         result["published_mrpc_d90"].items()) + "."]
