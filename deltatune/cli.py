@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from deltatune.cli_common import (_TRAIN_FLAGS, _key_values, add_data_arguments,
                                   add_forgetting_arguments, add_tracking_argument,
                                   forgetting_section_from_args)
@@ -38,20 +36,8 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file '{path}' not found")
-    try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        from deltatune.spec import yaml_problem
-        raise ConfigError(f"config file '{path}' is not valid YAML ({yaml_problem(error)})") \
-            from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-    return loaded
+    from deltatune.spec import read_config_mapping
+    return read_config_mapping(path) if path else {}
 
 
 # `deltatune train` with no data and no config: the quickstart (LoRA on SmolLM2 learning the

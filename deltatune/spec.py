@@ -137,6 +137,23 @@ def read_run_spec(run_dir: str | Path) -> RunSpec:
         raise ConfigError(f"{path}: {error}{damaged}") from None
 
 
+def read_config_mapping(path: str, label: str = "config file", hint: str = "") -> dict[str, Any]:
+    """A YAML file of run settings as a dict ({} when empty), every problem one ConfigError:
+    "<label> '<path>' does not exist", not valid YAML (where), or not a mapping; `hint` (the fix)
+    follows a missing file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{label} '{path}' does not exist{'; ' + hint if hint else ''}")
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{label} '{path}' is not valid YAML ({yaml_problem(error)})") \
+            from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{label} '{path}' must hold a mapping at the top level")
+    return loaded
+
+
 def yaml_problem(error: Exception) -> str:
     """A YAML error on one line: what is wrong and where (PyYAML's text spans several lines)."""
     problem = getattr(error, "problem", None)

@@ -34,7 +34,8 @@ from deltatune.methods import method_names
 from deltatune.report.comparison import ReportOptions
 from deltatune.report.render import ReportFiles, build_report
 from deltatune.report.runs import COMPARISON_FILE
-from deltatune.spec import CONFIG_FILE, RunSpec, parse_run_spec, read_run_spec
+from deltatune.spec import (CONFIG_FILE, RunSpec, parse_run_spec, read_config_mapping,
+                            read_run_spec)
 from deltatune.train.checkpoint import CHECKPOINTS_FOLDER
 from deltatune.train.config import TrainConfig
 
@@ -196,19 +197,8 @@ def plan_comparison(request: CompareRequest) -> list[PlannedVariant]:
 
 
 def _read_base(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"base config '{path}' not found; give the YAML run config every "
-                          "variant shares (see examples/)")
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        from deltatune.spec import yaml_problem
-        raise ConfigError(f"base config '{path}' is not valid YAML ({yaml_problem(error)})") \
-            from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"base config '{path}' must hold a mapping at the top level")
-    return raw
+    return read_config_mapping(path, "base config", "give the YAML run config every variant "
+                               "shares (see examples/)")
 
 
 def _variant_config(base: dict[str, Any], variant: Variant, out: Path,

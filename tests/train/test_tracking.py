@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,29 +22,13 @@ from deltatune.train.callbacks import ProgressBar
 from deltatune.train.loop import TrainState
 from deltatune.train.run_dir import RunDirectory
 from deltatune.train.trackers import Tracking, make_trackers, requested_trackers, scalar_tags
-from tests.conftest import tiny_llama
-from tests.models.test_loading import WORDS, llama_tokenizer
+from tests.test_resume import tiny_setup  # noqa: F401 (fixture: tiny Llama + 48 records)
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tracking")
-    folder = root / "tiny-llama"
-    tiny_llama().save_pretrained(folder)
-    llama_tokenizer().save_pretrained(folder)
-    rng = random.Random(0)
-    lines = [json.dumps({"instruction": " ".join(rng.choices(WORDS[:100], k=rng.randint(3, 9))),
-                         "output": " ".join(rng.choices(WORDS[:100], k=rng.randint(2, 6)))})
-             for _ in range(32)]
-    data = root / "train.jsonl"
-    data.write_text("\n".join(lines) + "\n")
-    return folder, data
 
 
 def _train_args(setup: tuple[Path, Path], run: Path, steps: int, *extra: str) -> list[str]:
